@@ -1,0 +1,9 @@
+//! Reading checkpoints: safetensors weights, JSON configs and the diffusers folder layout.
+
+pub mod diffusers;
+pub mod json;
+pub mod weights;
+
+pub use diffusers::{component_weight_files, ModelIndex};
+pub use json::read_json;
+pub use weights::{SafetensorsFiles, TensorSource, Weights};

@@ -1,0 +1,258 @@
+//! Named tensors read from checkpoints, walked like the checkpoint's key tree.
+//!
+//! [`Weights`] is a cheap, clonable view into a [`TensorSource`] with a key prefix, a target
+//! dtype and a device. Model constructors receive a `Weights` positioned at their own prefix and
+//! ask for their tensors by the checkpoint's own names, so a missing or misshapen tensor fails at
+//! load time with an error naming its full key.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Somewhere tensors can be read from by their full checkpoint key.
+///
+/// Implemented for memory-mapped safetensors files and for in-memory maps; key-renaming
+/// adapters (single-file checkpoints) implement it on top of another source.
+pub trait TensorSource: Send + Sync {
+    /// The stored shape of `key`, or `None` when the source has no such tensor.
+    fn shape(&self, key: &str) -> Option<Vec<usize>>;
+    /// Reads `key` onto `device`, in the stored dtype.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] when absent, or a read error from the underlying file.
+    fn load(&self, key: &str, device: &Device) -> Result<Tensor>;
+    /// Every key the source holds, in no particular order.
+    fn keys(&self) -> Vec<String>;
+}
+
+/// One or more memory-mapped `.safetensors` files (several for sharded checkpoints).
+pub struct SafetensorsFiles {
+    files: Vec<PathBuf>,
+    mmap: MmapedSafetensors,
+}
+
+impl SafetensorsFiles {
+    /// Memory-maps `files`. Nothing is copied until a tensor is loaded.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for a missing file, [`Error::InvalidCheckpoint`] for a file whose
+    /// header cannot be parsed or whose data is shorter than the header claims.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                return Err(Error::NotFound {
+                    path: f.clone(),
+                    what: "safetensors weights file".into(),
+                });
+            }
+        }
+        // SAFETY (of the mapping, inside candle): the files are opened read-only; like every
+        // mmap-based loader we rely on them not being truncated while the model is alive.
+        let mmap =
+            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::InvalidCheckpoint {
+                path: files.first().cloned().unwrap_or_default(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            files: files.to_vec(),
+            mmap,
+        })
+    }
+
+    /// The files this source maps.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+}
+
+impl TensorSource for SafetensorsFiles {
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.mmap.get(key).ok().map(|v| v.shape().to_vec())
+    }
+
+    fn load(&self, key: &str, device: &Device) -> Result<Tensor> {
+        if self.mmap.get(key).is_err() {
+            return Err(Error::MissingTensor { key: key.into() });
+        }
+        self.mmap
+            .load(key, device)
+            .map_err(|e| Error::InvalidCheckpoint {
+                path: self.files.first().cloned().unwrap_or_default(),
+                reason: format!("tensor `{key}`: {e}"),
+            })
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.mmap.tensors().into_iter().map(|(k, _)| k).collect()
+    }
+}
+
+impl TensorSource for HashMap<String, Tensor> {
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.get(key).map(|t| t.dims().to_vec())
+    }
+
+    fn load(&self, key: &str, device: &Device) -> Result<Tensor> {
+        let t = self
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        Ok(t.to_device(device)?)
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+}
+
+/// A view into a [`TensorSource`] at a key prefix, producing tensors in one dtype on one device.
+#[derive(Clone)]
+pub struct Weights {
+    source: Arc<dyn TensorSource>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("prefix", &self.prefix)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Wraps a source; tensors are converted to `dtype` and moved to `device` when read.
+    pub fn new(source: Arc<dyn TensorSource>, dtype: DType, device: &Device) -> Self {
+        Self {
+            source,
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Memory-maps safetensors files (one, or the shards of one checkpoint).
+    ///
+    /// # Errors
+    /// See [`SafetensorsFiles::open`].
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::new(
+            Arc::new(SafetensorsFiles::open(files)?),
+            dtype,
+            device,
+        ))
+    }
+
+    /// Convenience for a single file.
+    ///
+    /// # Errors
+    /// See [`SafetensorsFiles::open`].
+    pub fn from_safetensors_file(file: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_safetensors(&[file.to_path_buf()], dtype, device)
+    }
+
+    /// The same source one level deeper in the key tree (`prefix.name`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The same source, producing another dtype.
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        Self {
+            dtype,
+            ..self.clone()
+        }
+    }
+
+    /// The full checkpoint key of `name` under this prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The dtype tensors are produced in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are produced on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The underlying source.
+    pub fn source(&self) -> &Arc<dyn TensorSource> {
+        &self.source
+    }
+
+    /// Whether `name` exists under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.shape(&self.key(name)).is_some()
+    }
+
+    /// The stored shape of `name`.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] with the full key.
+    pub fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
+        let key = self.key(name);
+        self.source.shape(&key).ok_or(Error::MissingTensor { key })
+    }
+
+    /// Reads `name`, checking that its shape is `shape`.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] or [`Error::ShapeMismatch`], both naming the full key.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let expected: Shape = shape.into();
+        let key = self.key(name);
+        let found = self
+            .source
+            .shape(&key)
+            .ok_or_else(|| Error::MissingTensor { key: key.clone() })?;
+        if found.as_slice() != expected.dims() {
+            return Err(Error::ShapeMismatch {
+                key,
+                expected: expected.dims().to_vec(),
+                found,
+            });
+        }
+        self.read(&key)
+    }
+
+    /// Reads `name` whatever its shape (for tensors whose shape is not implied by a config).
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] naming the full key.
+    pub fn get_unchecked(&self, name: &str) -> Result<Tensor> {
+        self.read(&self.key(name))
+    }
+
+    fn read(&self, key: &str) -> Result<Tensor> {
+        let t = self.source.load(key, &self.device)?;
+        if t.dtype() == self.dtype {
+            Ok(t)
+        } else {
+            Ok(t.to_dtype(self.dtype)?)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The SDXL UNet (`UNet2DConditionModel`).

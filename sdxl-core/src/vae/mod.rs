@@ -1,0 +1,1 @@
+//! The SDXL VAE (`AutoencoderKL`).
