@@ -131,7 +131,11 @@ impl Parity {
                 ours.dims(),
                 golden.dims()
             ));
-            println!("FAIL {name}: shape {:?} != golden {:?}", ours.dims(), golden.dims());
+            println!(
+                "FAIL {name}: shape {:?} != golden {:?}",
+                ours.dims(),
+                golden.dims()
+            );
             return;
         }
         let o = flat_f64(ours);
@@ -157,7 +161,11 @@ impl Parity {
         if !ok {
             self.failures.push(format!(
                 "{name}: worst abs {worst_abs:.3e} > tol {tol:.3e}{}",
-                if non_finite { " (non-finite values)" } else { "" }
+                if non_finite {
+                    " (non-finite values)"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -167,7 +175,8 @@ impl Parity {
         self.checked += 1;
         if ours != golden {
             println!("FAIL {name}: {ours:?} != {golden:?}");
-            self.failures.push(format!("{name}: {ours:?} != golden {golden:?}"));
+            self.failures
+                .push(format!("{name}: {ours:?} != golden {golden:?}"));
         } else {
             println!("ok   {name}: exact");
         }
@@ -175,7 +184,10 @@ impl Parity {
 
     /// Panics listing every failure; also fails when nothing was checked.
     pub fn finish(self) {
-        assert!(self.checked > 0, "no golden was compared: case discovery found nothing");
+        assert!(
+            self.checked > 0,
+            "no golden was compared: case discovery found nothing"
+        );
         assert!(
             self.failures.is_empty(),
             "{} of {} comparisons failed:\n{}",
