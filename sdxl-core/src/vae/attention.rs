@@ -1,0 +1,225 @@
+//! The VAE mid-block self-attention (diffusers' `Attention` built with
+//! `_from_deprecated_attn_block=True`): one head as wide as the channel count, over the
+//! flattened `H*W` pixels, with a group norm in front and a residual connection.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{GroupNorm, Linear};
+
+use crate::error::Result;
+use crate::layers::group_norm;
+use crate::loading::Weights;
+
+/// Most attention-score elements materialised at once (per forward call, over the batch): 2^24,
+/// 64 MiB in float32. Larger inputs are processed in chunks of query tokens, with the same
+/// numerics as one big softmax since every query row is independent.
+const MAX_SCORE_ELEMENTS: usize = 1 << 24;
+
+/// Group-normalised single-head self-attention with a residual connection.
+///
+/// Weights are read under the current names (`to_q`, `to_k`, `to_v`, `to_out.0`) or the older
+/// ones (`query`, `key`, `value`, `proj_attn`), each either Linear-shaped `[C, C]` or stored as a
+/// 1×1 convolution `[C, C, 1, 1]`, as single-file checkpoints do.
+#[derive(Debug, Clone)]
+pub struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    scale: f64,
+}
+
+impl VaeAttention {
+    /// Loads the layer from `w` (e.g. `decoder.mid_block.attentions.0`).
+    ///
+    /// # Errors
+    /// Missing or misshapen tensors (named by their full key), or `groups` not dividing
+    /// `channels`.
+    pub fn new(w: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            group_norm: group_norm(groups, channels, eps, &w.pp("group_norm"))?,
+            to_q: projection(w, channels, "to_q", "query")?,
+            to_k: projection(w, channels, "to_k", "key")?,
+            to_v: projection(w, channels, "to_v", "value")?,
+            to_out: projection(w, channels, "to_out.0", "proj_attn")?,
+            scale: 1.0 / (channels as f64).sqrt(),
+        })
+    }
+
+    /// `x + to_out(attention(group_norm(x)))` for `x` `[B, C, H, W]`.
+    ///
+    /// # Errors
+    /// Tensor shape or device failures.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_chunked(x, MAX_SCORE_ELEMENTS)
+    }
+
+    /// [`Self::forward`] materialising at most `max_scores` attention scores at a time.
+    fn forward_chunked(&self, x: &Tensor, max_scores: usize) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = h * w;
+        // [B, C, H, W] -> [B, H*W, C] (a strided view; the projections read it as is).
+        let hidden = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, tokens))?
+            .transpose(1, 2)?;
+        let q = (self.to_q.forward(&hidden)? * self.scale)?;
+        let k_t = self.to_k.forward(&hidden)?.t()?;
+        let v = self.to_v.forward(&hidden)?;
+
+        let chunk = (max_scores / (b * tokens).max(1)).clamp(1, tokens.max(1));
+        let mut outputs = Vec::with_capacity(tokens.div_ceil(chunk));
+        let mut start = 0;
+        while start < tokens {
+            let len = chunk.min(tokens - start);
+            let scores = q.narrow(1, start, len)?.matmul(&k_t)?;
+            outputs.push(softmax_last_dim(&scores)?.matmul(&v)?);
+            start += len;
+        }
+        let attended = Tensor::cat(&outputs, 1)?;
+        let out = self
+            .to_out
+            .forward(&attended)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        Ok((out + x)?)
+    }
+}
+
+/// Softmax over the last dimension, computed in float32 for half-precision inputs (diffusers'
+/// `upcast_softmax`).
+fn softmax_last_dim(scores: &Tensor) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        Ok(probs.to_dtype(dtype)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(scores)?)
+    }
+}
+
+/// A `[C, C]` projection under `name`, or under the legacy `legacy` name when only that one is
+/// present; 1×1-convolution shaped weights `[C, C, 1, 1]` are reshaped to `[C, C]`.
+fn projection(w: &Weights, channels: usize, name: &str, legacy: &str) -> Result<Linear> {
+    let weight_key = |n: &str| format!("{n}.weight");
+    let w = if !w.contains(&weight_key(name)) && w.contains(&weight_key(legacy)) {
+        w.pp(legacy)
+    } else {
+        w.pp(name)
+    };
+    let weight = if w.shape_of("weight")?.len() == 4 {
+        w.get((channels, channels, 1, 1), "weight")?
+            .reshape((channels, channels))?
+    } else {
+        w.get((channels, channels), "weight")?
+    };
+    let bias = w.get(channels, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::error::Error;
+
+    const C: usize = 8;
+
+    fn random_weights(names: [&str; 4], conv_shaped: bool) -> HashMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut map = HashMap::new();
+        map.insert(
+            "attn.group_norm.weight".into(),
+            (Tensor::randn(0f32, 0.1, C, &dev).unwrap() + 1.0).unwrap(),
+        );
+        map.insert(
+            "attn.group_norm.bias".into(),
+            Tensor::randn(0f32, 0.1, C, &dev).unwrap(),
+        );
+        for n in names {
+            let weight = Tensor::randn(0f32, 0.5, (C, C), &dev).unwrap();
+            let weight = if conv_shaped {
+                weight.reshape((C, C, 1, 1)).unwrap()
+            } else {
+                weight
+            };
+            map.insert(format!("attn.{n}.weight"), weight);
+            map.insert(
+                format!("attn.{n}.bias"),
+                Tensor::randn(0f32, 0.1, C, &dev).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn load(map: HashMap<String, Tensor>) -> Result<VaeAttention> {
+        let w = Weights::new(Arc::new(map), DType::F32, &Device::Cpu);
+        VaeAttention::new(&w.pp("attn"), C, 2, 1e-6)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn chunked_matches_unchunked() {
+        let attn = load(random_weights(["to_q", "to_k", "to_v", "to_out.0"], false)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, C, 5, 7), &Device::Cpu).unwrap();
+        let full = attn.forward_chunked(&x, usize::MAX).unwrap();
+        for budget in [1, 70, 2 * 35 * 6, 1000] {
+            let chunked = attn.forward_chunked(&x, budget).unwrap();
+            assert!(max_abs_diff(&full, &chunked) < 1e-6, "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn legacy_names_and_conv_shapes_load_the_same_layer() {
+        let current = random_weights(["to_q", "to_k", "to_v", "to_out.0"], false);
+        let renames = [
+            ("to_q", "query"),
+            ("to_k", "key"),
+            ("to_v", "value"),
+            ("to_out.0", "proj_attn"),
+        ];
+        let mut legacy = HashMap::new();
+        for (k, t) in &current {
+            let mut key = k.clone();
+            for (new, old) in renames {
+                key = key.replace(&format!(".{new}."), &format!(".{old}."));
+            }
+            let t = if t.rank() == 2 {
+                t.reshape((C, C, 1, 1)).unwrap()
+            } else {
+                t.clone()
+            };
+            legacy.insert(key, t);
+        }
+        let x = Tensor::randn(0f32, 1.0, (1, C, 4, 4), &Device::Cpu).unwrap();
+        let a = load(current).unwrap().forward(&x).unwrap();
+        let b = load(legacy).unwrap().forward(&x).unwrap();
+        assert!(max_abs_diff(&a, &b) == 0.0);
+    }
+
+    #[test]
+    fn missing_projection_names_the_current_key() {
+        let mut map = random_weights(["to_q", "to_k", "to_v", "to_out.0"], true);
+        map.remove("attn.to_v.weight");
+        let err = load(map).unwrap_err();
+        assert!(matches!(err, Error::MissingTensor { key } if key == "attn.to_v.weight"));
+    }
+}
