@@ -26,6 +26,12 @@ fn read_json(name: &str) -> Value {
     let path = fixtures_root().join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    // Python's json writes -Infinity/Infinity/NaN (e.g. `lambda_min_clipped`), which JSON
+    // does not allow; read them as null.
+    let text = text
+        .replace("-Infinity", "null")
+        .replace("Infinity", "null")
+        .replace("NaN", "null");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {}: {e}", path.display()))
 }
 
