@@ -17,38 +17,6 @@ use serde_json::Value;
 
 const FILE: &str = "goldens/rng.safetensors";
 
-/// `manifest.json`, whose Python-written floats may include the non-JSON `NaN`/`Infinity`
-/// tokens (read as `null` here; the `rng` section has none).
-fn manifest() -> Value {
-    let path = common::fixtures_root().join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let mut clean = String::with_capacity(text.len());
-    let (mut in_string, mut escaped) = (false, false);
-    let mut rest = text.as_str();
-    while let Some(c) = rest.chars().next() {
-        if !in_string {
-            if let Some(token) = ["-Infinity", "Infinity", "NaN"]
-                .into_iter()
-                .find(|t| rest.starts_with(t))
-            {
-                clean.push_str("null");
-                rest = &rest[token.len()..];
-                continue;
-            }
-        }
-        match (in_string, escaped, c) {
-            (true, true, _) => escaped = false,
-            (true, false, '\\') => escaped = true,
-            (_, false, '"') => in_string = !in_string,
-            _ => {}
-        }
-        clean.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    serde_json::from_str(&clean).unwrap_or_else(|e| panic!("bad JSON {}: {e}", path.display()))
-}
-
 fn usizes(v: &Value) -> Vec<usize> {
     v.as_array()
         .expect("an array")
@@ -101,7 +69,7 @@ impl Checker {
 
 #[test]
 fn randn_matches_torch_cpu_bit_for_bit() {
-    let manifest = manifest();
+    let manifest = common::manifest();
     let rng = &manifest["rng"];
     let seeds: Vec<u64> = rng["seeds"]
         .as_array()

@@ -26,13 +26,37 @@ fn read_json(name: &str) -> Value {
     let path = fixtures_root().join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    // Python's json writes -Infinity/Infinity/NaN (e.g. `lambda_min_clipped`), which JSON
-    // does not allow; read them as null.
-    let text = text
-        .replace("-Infinity", "null")
-        .replace("Infinity", "null")
-        .replace("NaN", "null");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {}: {e}", path.display()))
+    serde_json::from_str(&without_non_finite(&text))
+        .unwrap_or_else(|e| panic!("bad JSON {}: {e}", path.display()))
+}
+
+/// Python's json writes the non-JSON tokens `-Infinity`, `Infinity` and `NaN` (e.g.
+/// `lambda_min_clipped`); outside strings they are read as `null`.
+fn without_non_finite(text: &str) -> String {
+    let mut clean = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            if let Some(token) = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|t| rest.starts_with(t))
+            {
+                clean.push_str("null");
+                rest = &rest[token.len()..];
+                continue;
+            }
+        }
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, false, '"') => in_string = !in_string,
+            _ => {}
+        }
+        clean.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    clean
 }
 
 /// `index.json`: every golden tensor with its file, name, shape, dtype and producing call.
