@@ -63,42 +63,10 @@ fn config_with(overrides: &Value) -> SchedulerConfig {
     cfg
 }
 
-/// `manifest.json`, which Python's `json` wrote with bare `Infinity`/`NaN` tokens (e.g. DPM's
-/// `lambda_min_clipped`); those become `null` here so that serde_json can read the file.
-fn manifest() -> Value {
-    let path = common::fixtures_root().join("manifest.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let mut clean = String::with_capacity(text.len());
-    let (mut in_string, mut escaped) = (false, false);
-    let mut rest = text.as_str();
-    while let Some(c) = rest.chars().next() {
-        if !in_string {
-            if let Some(token) = ["-Infinity", "Infinity", "NaN"]
-                .into_iter()
-                .find(|t| rest.starts_with(t))
-            {
-                clean.push_str("null");
-                rest = &rest[token.len()..];
-                continue;
-            }
-            in_string = c == '"';
-        } else if escaped {
-            escaped = false;
-        } else if c == '\\' {
-            escaped = true;
-        } else if c == '"' {
-            in_string = false;
-        }
-        clean.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    serde_json::from_str(&clean).unwrap_or_else(|e| panic!("bad JSON {}: {e}", path.display()))
-}
 
 /// Manifest cases of our families: (case name, manifest entry).
 fn cases() -> Vec<(String, Value)> {
-    let manifest = manifest();
+    let manifest = common::manifest();
     let mut out: Vec<(String, Value)> = manifest["schedulers"]
         .as_object()
         .expect("manifest has `schedulers`")

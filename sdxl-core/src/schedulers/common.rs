@@ -81,14 +81,15 @@ pub fn betas(
     }
 }
 
-/// `torch.cumprod(1 - betas)` in float32.
+/// `torch.cumprod(1 - betas)` on a float32 tensor: torch's CPU kernel accumulates in f64 and
+/// rounds each output to f32.
 pub fn alphas_cumprod(betas: &[f64]) -> Vec<f64> {
-    let mut acc = 1f32;
+    let mut acc = 1f64;
     betas
         .iter()
         .map(|&b| {
-            acc *= 1.0 - b as f32;
-            acc as f64
+            acc *= (1.0 - b as f32) as f64;
+            f32_round(acc)
         })
         .collect()
 }
