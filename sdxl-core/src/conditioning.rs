@@ -286,7 +286,8 @@ pub fn check_add_embedding_width(
 #[derive(Debug, Clone)]
 pub struct TextTimeEmbedding {
     add_time_proj: SinusoidalProjection,
-    add_embedding: TimestepEmbedding,
+    /// The `add_embedding` MLP (`linear_1`, SiLU, `linear_2`).
+    pub add_embedding: TimestepEmbedding,
     input_dim: usize,
 }
 
@@ -310,11 +311,6 @@ impl TextTimeEmbedding {
             )?,
             input_dim,
         })
-    }
-
-    /// The `add_embedding` MLP (its linear layers are public for in-place weight edits).
-    pub fn mlp(&self) -> &TimestepEmbedding {
-        &self.add_embedding
     }
 
     /// `add_time_proj`: features `[B * n, addition_time_embed_dim]` (f32) of the flattened

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use sdxl_core::conditioning::sinusoidal_embedding;
+use sdxl_core::loading::{component_weight_files, SafetensorsFiles, TensorSource};
 use sdxl_core::unet::{UNet2DConditionModel, UNetConditioning};
 use sdxl_core::Error;
 
@@ -177,5 +178,60 @@ fn time_ids_of_the_other_model_are_invalid_argument() {
             }
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
+    }
+}
+
+#[test]
+fn unet_runs_in_half_precision() {
+    // dtype genericity: the same weights loaded as f16 give the f32 goldens within half
+    // precision (tolerance 1e-2 * max(1, max|golden|); f16 has an 11-bit mantissa).
+    let file = "goldens/unet_base.safetensors";
+    let dir = common::base_dir().join("unet");
+    let unet = UNet2DConditionModel::load(&dir, DType::F16, &Device::Cpu, None).unwrap();
+    let g = common::goldens(file);
+    let cond = shared_conditioning(&g);
+    let mut p = common::Parity::with_tolerance(1e-2);
+    for case in cases(file) {
+        let sample = common::golden(&g, &format!("{case}.sample"));
+        let timestep = common::flat_f64(common::golden(&g, &format!("{case}.timestep")))[0];
+        let out = unet.forward(sample, timestep, &cond).unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+        p.check(
+            &format!("f16 {file} {case}.out"),
+            &out,
+            common::golden(&g, &format!("{case}.out")),
+        );
+    }
+    p.finish();
+}
+
+#[test]
+fn linear_layers_are_reachable_by_checkpoint_name() {
+    // Every 2-D weight of each checkpoint is visited under its own key, with its stored shape,
+    // except the resnets' `time_emb_proj` (owned by the shared resnet layer).
+    for dir in [common::base_dir(), common::refiner_dir()] {
+        let unet_dir = dir.join("unet");
+        let files = component_weight_files(&unet_dir, "diffusion_pytorch_model", None).unwrap();
+        let source = SafetensorsFiles::open(&files).unwrap();
+        let mut expected: Vec<String> = source
+            .keys()
+            .into_iter()
+            .filter(|k| !k.contains("time_emb_proj"))
+            .filter_map(|k| k.strip_suffix(".weight").map(str::to_string))
+            .filter(|k| source.shape(&format!("{k}.weight")).unwrap().len() == 2)
+            .collect();
+        let mut unet = load_unet(&dir);
+        let mut visited = Vec::new();
+        unet.visit_linears_mut(&mut |name, linear| {
+            let stored = source.shape(&format!("{name}.weight"));
+            assert_eq!(stored.as_deref(), Some(linear.weight().dims()), "{name}");
+            visited.push(name.to_string());
+            Ok(())
+        })
+        .unwrap();
+        expected.sort();
+        visited.sort();
+        assert_eq!(visited, expected, "{}", dir.display());
+        println!("{}: {} linear layers visited", dir.display(), visited.len());
     }
 }

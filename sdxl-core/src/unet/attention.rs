@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 use crate::layers::{group_norm, layer_norm, linear};
 use crate::loading::Weights;
 
+/// Receives each linear layer with its full checkpoint name (without `.weight`), e.g.
+/// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
+pub type LinearVisitor<'a> = dyn FnMut(&str, &mut Linear) -> Result<()> + 'a;
+
 /// Epsilon of the transformer's input group norm (fixed in diffusers).
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
 /// Epsilon of the block's layer norms (diffusers' default).
@@ -57,6 +61,17 @@ impl Attention {
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })
+    }
+
+    /// Calls `f` on `to_q`, `to_k`, `to_v` and `to_out.0`, named under `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        f(&format!("{prefix}.to_q"), &mut self.to_q)?;
+        f(&format!("{prefix}.to_k"), &mut self.to_k)?;
+        f(&format!("{prefix}.to_v"), &mut self.to_v)?;
+        f(&format!("{prefix}.to_out.0"), &mut self.to_out)
     }
 
     /// `[B, N, C] → [B * heads, N, head_dim]`.
@@ -127,6 +142,15 @@ impl FeedForward {
         })
     }
 
+    /// Calls `f` on `net.0.proj` and `net.2`, named under `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        f(&format!("{prefix}.net.0.proj"), &mut self.proj_in)?;
+        f(&format!("{prefix}.net.2"), &mut self.proj_out)
+    }
+
     /// Applies the feed-forward network to `x` `[B, N, dim]`.
     ///
     /// # Errors
@@ -173,6 +197,18 @@ impl BasicTransformerBlock {
             norm3: layer_norm(dim, LAYER_NORM_EPS, &w.pp("norm3"))?,
             ff: FeedForward::new(&w.pp("ff"), dim)?,
         })
+    }
+
+    /// Calls `f` on every linear layer of the block, named under `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        self.attn1
+            .visit_linears_mut(&format!("{prefix}.attn1"), f)?;
+        self.attn2
+            .visit_linears_mut(&format!("{prefix}.attn2"), f)?;
+        self.ff.visit_linears_mut(&format!("{prefix}.ff"), f)
     }
 
     /// Applies the block to `x` `[B, N, dim]` with `context` `[B, M, context_dim]`.
@@ -238,6 +274,19 @@ impl Transformer2DModel {
             transformer_blocks,
             proj_out: linear(inner, c, true, &w.pp("proj_out"))?,
         })
+    }
+
+    /// Calls `f` on `proj_in`, every block's linear layers and `proj_out`, named under
+    /// `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        f(&format!("{prefix}.proj_in"), &mut self.proj_in)?;
+        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
+            block.visit_linears_mut(&format!("{prefix}.transformer_blocks.{i}"), f)?;
+        }
+        f(&format!("{prefix}.proj_out"), &mut self.proj_out)
     }
 
     /// Applies the transformer to the feature map `x` `[B, C, H, W]` with `context`

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::attention::Transformer2DModel;
+use super::attention::{LinearVisitor, Transformer2DModel};
 use super::config::{DownBlockSpec, TransformerSpec, UpBlockSpec};
 use crate::error::{Error, Result};
 use crate::layers::resnet::ResnetConfig;
@@ -53,6 +53,17 @@ fn transformers(
         .enumerate()
         .map(|(i, spec)| Transformer2DModel::new(&w.pp(i), spec, groups))
         .collect()
+}
+
+fn visit_transformers(
+    attentions: &mut [Transformer2DModel],
+    prefix: &str,
+    f: &mut LinearVisitor<'_>,
+) -> Result<()> {
+    for (i, t) in attentions.iter_mut().enumerate() {
+        t.visit_linears_mut(&format!("{prefix}.attentions.{i}"), f)?;
+    }
+    Ok(())
 }
 
 fn down_resnets(
@@ -160,6 +171,15 @@ impl CrossAttnDownBlock2D {
         })
     }
 
+    /// Calls `f` on every transformer linear layer, named under `prefix` (e.g.
+    /// `{prefix}.attentions.0.proj_in`).
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        visit_transformers(&mut self.attentions, prefix, f)
+    }
+
     /// Applies the block; appends every transformer output (and the downsampled output) to
     /// `skips`.
     ///
@@ -207,6 +227,15 @@ impl UNetMidBlock2DCrossAttn {
             resnets: [ctx.resnet(&r.pp(0), c, c)?, ctx.resnet(&r.pp(1), c, c)?],
             attention: Transformer2DModel::new(&w.pp("attentions").pp(0), spec, ctx.groups)?,
         })
+    }
+
+    /// Calls `f` on every transformer linear layer, named under `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        self.attention
+            .visit_linears_mut(&format!("{prefix}.attentions.0"), f)
     }
 
     /// Applies the block.
@@ -321,6 +350,15 @@ impl CrossAttnUpBlock2D {
             attentions: transformers(w, specs, ctx.groups)?,
             upsampler: upsampler(w, spec)?,
         })
+    }
+
+    /// Calls `f` on every transformer linear layer, named under `prefix` (e.g.
+    /// `{prefix}.attentions.0.proj_in`).
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        visit_transformers(&mut self.attentions, prefix, f)
     }
 
     /// Applies the block, consuming one skip connection per resnet from the end of `skips`.

@@ -4,6 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::Linear;
 
+use super::attention::LinearVisitor;
 use crate::error::Result;
 use crate::layers::linear;
 use crate::loading::Weights;
@@ -28,6 +29,15 @@ impl TimestepEmbedding {
             linear_1: linear(in_dim, out_dim, true, &w.pp("linear_1"))?,
             linear_2: linear(out_dim, out_dim, true, &w.pp("linear_2"))?,
         })
+    }
+
+    /// Calls `f` on `linear_1` and `linear_2`, named under `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, prefix: &str, f: &mut LinearVisitor<'_>) -> Result<()> {
+        f(&format!("{prefix}.linear_1"), &mut self.linear_1)?;
+        f(&format!("{prefix}.linear_2"), &mut self.linear_2)
     }
 
     /// Applies the MLP to `x` `[B, in]`.

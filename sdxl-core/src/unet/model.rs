@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, GroupNorm};
 
+use super::attention::LinearVisitor;
 use super::blocks::{
     BlockContext, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
     UpBlock2D,
@@ -176,6 +177,33 @@ impl UNet2DConditionModel {
     /// The dtype of the weights (and of the prediction).
     pub fn dtype(&self) -> DType {
         self.conv_in.weight().dtype()
+    }
+
+    /// Calls `f` on every linear layer with its checkpoint name (without `.weight`):
+    /// `time_embedding.linear_1/2`, `add_embedding.linear_1/2` and, in every transformer,
+    /// `proj_in`, `proj_out`, `attn1/attn2.to_q/to_k/to_v/to_out.0`, `ff.net.0.proj` and
+    /// `ff.net.2`. This is how weights are edited in place (e.g. fusing a LoRA). The resnets'
+    /// `time_emb_proj` layers are not included.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(&mut self, f: &mut LinearVisitor<'_>) -> Result<()> {
+        self.time_embedding.visit_linears_mut("time_embedding", f)?;
+        self.add_embedding
+            .add_embedding
+            .visit_linears_mut("add_embedding", f)?;
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            if let DownBlock::CrossAttn(b) = block {
+                b.visit_linears_mut(&format!("down_blocks.{i}"), f)?;
+            }
+        }
+        self.mid_block.visit_linears_mut("mid_block", f)?;
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            if let UpBlock::CrossAttn(b) = block {
+                b.visit_linears_mut(&format!("up_blocks.{i}"), f)?;
+            }
+        }
+        Ok(())
     }
 
     /// The timestep embedding `[batch, time_embed_dim]` (`time_proj` → `time_embedding`) of
