@@ -7,7 +7,6 @@
 //! diffusers' defaults:
 //!
 //! ```
-//! use candle_core::Device;
 //! use sdxl_core::conditioning::{MicroConditioning, TimeIdsLayout};
 //!
 //! let micro = MicroConditioning::new(1024, 1024);
