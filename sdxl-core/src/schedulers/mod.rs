@@ -148,6 +148,9 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod kdpm2;
+pub mod kind;
 pub mod lcm;
 pub mod lms;
 pub mod unipc;
+
+pub use kind::SchedulerKind;
