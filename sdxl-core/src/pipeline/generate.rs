@@ -1,0 +1,406 @@
+//! Text-to-image, image-to-image (SDEdit) and the base → refiner hand-off.
+
+use candle_core::{DType, Tensor};
+
+use super::control::{CancelToken, NoObserver, StepObserver};
+use super::denoise::{denoise, Guidance, LoopControl};
+use super::image::RgbImage;
+use super::model::{ModelKind, SdxlModel};
+use super::params::{GenerateParams, InitImage};
+use super::prompt::{encode_prompt, PromptEmbeds};
+use crate::conditioning::TimeIdsLayout;
+use crate::error::{Error, Result};
+use crate::rng::TorchRng;
+use crate::schedulers::{NoiseSource, Scheduler};
+use crate::unet::UNetConditioning;
+
+/// How a run is observed and stopped. `Default` observes nothing and is never cancelled.
+pub struct RunControl<'a> {
+    /// Cancellation from another thread.
+    pub cancel: CancelToken,
+    /// Progress, previews and step tensors.
+    pub observer: &'a mut dyn StepObserver,
+}
+
+impl RunControl<'_> {
+    /// A control that never stops and observes nothing.
+    pub fn none() -> RunControl<'static> {
+        RunControl {
+            cancel: CancelToken::new(),
+            observer: Box::leak(Box::new(NoObserver)),
+        }
+    }
+}
+
+/// The conditioning tensors of a run, in the UNet's batch order `[negative×n; positive×n]`.
+fn build_conditioning(
+    model: &SdxlModel,
+    params: &GenerateParams,
+    embeds: &PromptEmbeds,
+    latent_hw: (usize, usize),
+    guidance: Guidance,
+    layout: TimeIdsLayout,
+) -> Result<UNetConditioning> {
+    let n = params.num_images;
+    let pixel_hw = (latent_hw.0 * 8, latent_hw.1 * 8);
+    let (pos_ids, neg_ids) = params.micro.resolve(pixel_hw.0, pixel_hw.1).time_ids(
+        layout,
+        model.unet.config(),
+        embeds.pooled_prompt_embeds.dim(1)?,
+        &model.options.device,
+    )?;
+    let repeat = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat((n, 1, 1))?) };
+    let repeat2 = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat((n, 1))?) };
+    let dev = &model.options.device;
+    let (ctx, pooled, ids) = if guidance.enabled() {
+        (
+            Tensor::cat(
+                &[
+                    repeat(&embeds.negative_prompt_embeds)?,
+                    repeat(&embeds.prompt_embeds)?,
+                ],
+                0,
+            )?,
+            Tensor::cat(
+                &[
+                    repeat2(&embeds.negative_pooled_prompt_embeds)?,
+                    repeat2(&embeds.pooled_prompt_embeds)?,
+                ],
+                0,
+            )?,
+            Tensor::cat(&[repeat2(&neg_ids)?, repeat2(&pos_ids)?], 0)?,
+        )
+    } else {
+        (
+            repeat(&embeds.prompt_embeds)?,
+            repeat2(&embeds.pooled_prompt_embeds)?,
+            repeat2(&pos_ids)?,
+        )
+    };
+    let dtype = model.options.dtype;
+    Ok(UNetConditioning {
+        encoder_hidden_states: ctx.to_dtype(dtype)?.to_device(dev)?,
+        text_embeds: pooled.to_dtype(dtype)?.to_device(dev)?,
+        time_ids: ids.to_dtype(dtype)?.to_device(dev)?,
+    })
+}
+
+/// `int(round(T - fraction * T))`, the timestep cutoff of `denoising_end`/`denoising_start`.
+fn cutoff(scheduler_train_steps: usize, fraction: f64) -> f64 {
+    let t = scheduler_train_steps as f64;
+    (t - fraction * t).round_ties_even()
+}
+
+fn train_steps(model: &SdxlModel) -> usize {
+    model
+        .scheduler_config
+        .values()
+        .get("num_train_timesteps")
+        .and_then(|v| v.as_u64())
+        .map_or(1000, |v| v as usize)
+}
+
+fn make_scheduler(model: &SdxlModel, params: &GenerateParams) -> Result<Box<dyn Scheduler>> {
+    let (kind, config) = params.scheduler.resolve(&model.scheduler_config)?;
+    let mut scheduler = kind.build(&config)?;
+    scheduler.set_timesteps(params.steps)?;
+    Ok(scheduler)
+}
+
+/// Keeps the timesteps at or above the `denoising_end` cutoff.
+fn apply_denoising_end(model: &SdxlModel, params: &GenerateParams, ts: Vec<f64>) -> Vec<f64> {
+    match params.denoising_end {
+        Some(end) => {
+            let c = cutoff(train_steps(model), end);
+            let n = ts.iter().filter(|&&t| t >= c).count();
+            ts.into_iter().take(n).collect()
+        }
+        None => ts,
+    }
+}
+
+fn check_latent_size(model: &SdxlModel, params: &GenerateParams) -> Result<(usize, usize)> {
+    params.validate()?;
+    let f = model.vae.config().downscale_factor();
+    if params.width % f != 0 || params.height % f != 0 {
+        return Err(Error::invalid(format!(
+            "width and height must be multiples of {f} for this VAE, got {}x{}",
+            params.width, params.height
+        )));
+    }
+    Ok((params.height / f, params.width / f))
+}
+
+/// Text-to-image: returns the final latents `[n, 4, h, w]` (still multiplied by the VAE
+/// scaling factor; see [`decode_latents`]).
+///
+/// `latents`, when given, replaces the seeded initial noise (unit variance; it is multiplied by
+/// the scheduler's `init_noise_sigma`, as diffusers does).
+///
+/// # Errors
+/// Invalid parameters, [`Error::Cancelled`], model failures.
+pub fn text_to_image(
+    model: &SdxlModel,
+    params: &GenerateParams,
+    latents: Option<&Tensor>,
+    control: RunControl<'_>,
+) -> Result<Tensor> {
+    if model.kind == ModelKind::Refiner {
+        return Err(Error::invalid(
+            "this is a refiner model; it refines an image (image-to-image) and cannot start \
+             from noise — pass it as the refiner and a base model as the model",
+        ));
+    }
+    let latent_hw = check_latent_size(model, params)?;
+    let mut rng = TorchRng::new(params.seed);
+    let mut scheduler = make_scheduler(model, params)?;
+    let timesteps = apply_denoising_end(model, params, scheduler.timesteps().to_vec());
+    scheduler.set_begin_index(0);
+    let guidance = Guidance {
+        scale: params.guidance_scale,
+        rescale: params.guidance_rescale,
+    };
+    let embeds = encode_prompt(model, &params.prompts)?;
+    let cond = build_conditioning(
+        model,
+        params,
+        &embeds,
+        latent_hw,
+        guidance,
+        TimeIdsLayout::Text2Image,
+    )?;
+    let channels = model.unet.config().in_channels;
+    let shape = [params.num_images, channels, latent_hw.0, latent_hw.1];
+    let device = &model.options.device;
+    let noise = match latents {
+        Some(l) => {
+            if l.dims() != shape {
+                return Err(Error::invalid(format!(
+                    "initial latents have shape {:?}, expected {shape:?}",
+                    l.dims()
+                )));
+            }
+            l.to_dtype(DType::F32)?.to_device(device)?
+        }
+        None => rng.randn(&shape, DType::F32, device)?,
+    };
+    let latents = (noise * scheduler.init_noise_sigma())?;
+    denoise(
+        &model.unet,
+        scheduler.as_mut(),
+        latents,
+        &timesteps,
+        &cond,
+        guidance,
+        &mut rng,
+        LoopControl {
+            cancel: &control.cancel,
+            observer: control.observer,
+            stage: "base",
+        },
+    )
+}
+
+/// Image-to-image with the base or the refiner: SDEdit from pixels (encode, noise to the
+/// `strength` point, denoise) or, with `denoising_start`, the hand-off from a base model's
+/// latents (no noise added).
+///
+/// `noise`, when given, replaces the seeded generator (tests replay recorded draws).
+///
+/// # Errors
+/// Invalid parameters (including an init image whose size differs from `width`×`height`),
+/// [`Error::Cancelled`], model failures.
+pub fn image_to_image(
+    model: &SdxlModel,
+    params: &GenerateParams,
+    init: &InitImage,
+    noise: Option<&mut dyn NoiseSource>,
+    control: RunControl<'_>,
+) -> Result<Tensor> {
+    let latent_hw = check_latent_size(model, params)?;
+    let mut seeded = TorchRng::new(params.seed);
+    let noise: &mut dyn NoiseSource = match noise {
+        Some(n) => n,
+        None => &mut seeded,
+    };
+    let mut scheduler = make_scheduler(model, params)?;
+    let all = scheduler.timesteps().to_vec();
+    let order = scheduler.order();
+    let (start, add_noise) = match params.denoising_start {
+        None => {
+            let steps = params.steps;
+            let init_steps = ((steps as f64 * params.strength) as usize).min(steps);
+            (steps.saturating_sub(init_steps) * order, true)
+        }
+        Some(f) => {
+            let c = cutoff(train_steps(model), f);
+            let mut n = all.iter().filter(|&&t| t < c).count();
+            if order == 2 && n % 2 == 0 {
+                n += 1;
+            }
+            (all.len().saturating_sub(n), false)
+        }
+    };
+    let timesteps = apply_denoising_end(model, params, all.get(start..).unwrap_or(&[]).to_vec());
+    if timesteps.is_empty() {
+        return Err(Error::invalid(format!(
+            "strength {} with {} steps leaves no step to run",
+            params.strength, params.steps
+        )));
+    }
+    scheduler.set_begin_index(start);
+    let device = &model.options.device;
+    let n = params.num_images;
+    let init_latents = match init {
+        InitImage::Latents(l) => {
+            let (_, _, h, w) = l.dims4()?;
+            if (h, w) != latent_hw {
+                return Err(Error::invalid(format!(
+                    "init latents are {h}x{w}, expected {}x{} for a {}x{} image",
+                    latent_hw.0, latent_hw.1, params.width, params.height
+                )));
+            }
+            l.to_dtype(DType::F32)?.to_device(device)?
+        }
+        InitImage::Pixels(img) => {
+            let (_, c, h, w) = img.dims4()?;
+            if c != 3 || (h, w) != (params.height, params.width) {
+                return Err(Error::invalid(format!(
+                    "init image is {w}x{h} with {c} channels, expected a {}x{} RGB image",
+                    params.width, params.height
+                )));
+            }
+            let x = ((img.to_device(device)? * 2.0)? - 1.0)?;
+            let z = encode_latents(model, &x, noise)?;
+            Tensor::cat(&vec![&z; n], 0)?
+        }
+    };
+    let latents = if add_noise {
+        let first = timesteps.first().copied().unwrap_or_default();
+        let eps = noise.randn(init_latents.dims(), DType::F32, device)?;
+        scheduler.add_noise(&init_latents, &eps, first)?
+    } else {
+        init_latents
+    };
+    let guidance = Guidance {
+        scale: params.guidance_scale,
+        rescale: params.guidance_rescale,
+    };
+    let embeds = encode_prompt(model, &params.prompts)?;
+    let layout = match model.kind {
+        ModelKind::Refiner => TimeIdsLayout::AestheticScore,
+        ModelKind::Base => TimeIdsLayout::Image2Image,
+    };
+    let cond = build_conditioning(model, params, &embeds, latent_hw, guidance, layout)?;
+    let stage = if model.kind == ModelKind::Refiner {
+        "refiner"
+    } else {
+        "img2img"
+    };
+    denoise(
+        &model.unet,
+        scheduler.as_mut(),
+        latents,
+        &timesteps,
+        &cond,
+        guidance,
+        noise,
+        LoopControl {
+            cancel: &control.cancel,
+            observer: control.observer,
+            stage,
+        },
+    )
+}
+
+/// Encodes pixels in [-1, 1] to scaled latents: `scaling_factor · (mean + std · noise)`.
+fn encode_latents(model: &SdxlModel, x: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+    let vae = &model.vae;
+    let dist = vae.encode(&x.to_dtype(vae.dtype())?)?;
+    let eps = noise.randn(dist.mean.dims(), DType::F32, &model.options.device)?;
+    let z = dist
+        .sample(&eps.to_dtype(vae.dtype())?)?
+        .to_dtype(DType::F32)?;
+    Ok((z * vae.scaling_factor())?)
+}
+
+/// Decodes scaled latents to the VAE's raw output `[B, 3, H, W]` (f32, about [-1, 1]).
+///
+/// # Errors
+/// Tensor or model failures.
+pub fn decode_latents(model: &SdxlModel, latents: &Tensor) -> Result<Tensor> {
+    let vae = &model.vae;
+    let z = (latents.to_dtype(DType::F32)? / vae.scaling_factor())?;
+    Ok(vae
+        .decode(&z.to_dtype(vae.dtype())?)?
+        .to_dtype(DType::F32)?)
+}
+
+/// Decodes scaled latents to RGB images, rounding as diffusers does.
+///
+/// # Errors
+/// [`Error::NonFinite`] when the VAE overflows, tensor or model failures.
+pub fn decode_images(model: &SdxlModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
+    RgbImage::from_decoded(&decode_latents(model, latents)?)
+}
+
+/// The whole job: text-to-image with `base`, optionally handed to `refiner` at
+/// `refiner_start` (a fraction of the schedule), decoded to images.
+///
+/// # Errors
+/// Invalid parameters or model pairing, [`Error::Cancelled`], model failures.
+pub fn generate(
+    base: &SdxlModel,
+    refiner: Option<(&SdxlModel, f64)>,
+    params: &GenerateParams,
+    control: RunControl<'_>,
+) -> Result<Vec<RgbImage>> {
+    let RunControl { cancel, observer } = control;
+    match refiner {
+        None => {
+            let latents = text_to_image(
+                base,
+                params,
+                None,
+                RunControl {
+                    cancel: cancel.clone(),
+                    observer,
+                },
+            )?;
+            decode_images(base, &latents)
+        }
+        Some((refiner, start)) => {
+            if refiner.kind != ModelKind::Refiner {
+                return Err(Error::invalid(
+                    "the refiner path holds a base model; pass an SDXL refiner folder",
+                ));
+            }
+            let base_params = GenerateParams {
+                denoising_end: Some(start),
+                ..params.clone()
+            };
+            let latents = text_to_image(
+                base,
+                &base_params,
+                None,
+                RunControl {
+                    cancel: cancel.clone(),
+                    observer: &mut *observer,
+                },
+            )?;
+            let refiner_params = GenerateParams {
+                denoising_end: None,
+                denoising_start: Some(start),
+                ..params.clone()
+            };
+            let latents = image_to_image(
+                refiner,
+                &refiner_params,
+                &InitImage::Latents(latents),
+                None,
+                RunControl { cancel, observer },
+            )?;
+            decode_images(refiner, &latents)
+        }
+    }
+}
