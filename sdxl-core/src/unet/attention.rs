@@ -91,6 +91,10 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let context = context.unwrap_or(x);
+        #[cfg(feature = "flash-attn")]
+        if x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16) {
+            return self.forward_flash(x, context);
+        }
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
@@ -102,6 +106,32 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
         Ok(self.to_out.forward(&out)?)
+    }
+}
+
+#[cfg(feature = "flash-attn")]
+impl Attention {
+    /// The fused flash-attention kernel (CUDA, f16/bf16): `[B, N, heads, head_dim]` layout, no
+    /// score matrix in memory.
+    fn forward_flash(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let m = context.dim(1)?;
+        let q = self
+            .to_q
+            .forward(x)?
+            .reshape((b, n, self.heads, self.head_dim))?;
+        let k = self
+            .to_k
+            .forward(context)?
+            .reshape((b, m, self.heads, self.head_dim))?;
+        let v = self
+            .to_v
+            .forward(context)?
+            .reshape((b, m, self.heads, self.head_dim))?;
+        let out = candle_flash_attn::flash_attn(&q, &k, &v, self.scale as f32, false)?;
+        Ok(self
+            .to_out
+            .forward(&out.reshape((b, n, self.heads * self.head_dim))?)?)
     }
 }
 
