@@ -4,7 +4,7 @@
 //! The layer types are candle-nn's; these constructors read `weight`/`bias` with shape checks so
 //! that a wrong checkpoint fails with the full key and both shapes.
 
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear};
 
 use crate::error::{Error, Result};
 use crate::loading::Weights;
@@ -44,7 +44,11 @@ pub fn conv2d(
         groups: 1,
         cudnn_fwd_algo: None,
     };
-    Ok(Conv2d::new(weight, Some(bias), config))
+    Ok(Conv2d::new(candle_nn::Conv2d::new(
+        weight,
+        Some(bias),
+        config,
+    )))
 }
 
 /// Group normalisation over `channels` in `groups`, with affine `weight` and `bias`.
@@ -73,8 +77,10 @@ pub fn layer_norm(size: usize, eps: f64, w: &Weights) -> Result<LayerNorm> {
     Ok(LayerNorm::new(weight, bias, eps))
 }
 
+pub mod conv;
 pub mod resnet;
 pub mod sampling;
 
+pub use conv::Conv2d;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};

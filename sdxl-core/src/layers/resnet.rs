@@ -2,7 +2,9 @@
 //! an optional timestep-embedding projection.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear};
+use candle_nn::{GroupNorm, Linear};
+
+use super::Conv2d;
 
 use super::{conv2d, group_norm, linear};
 use crate::error::Result;

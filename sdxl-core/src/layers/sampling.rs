@@ -1,8 +1,8 @@
 //! Resolution changes between levels: strided-convolution downsampling and nearest-neighbour
 //! upsampling followed by a convolution (diffusers' `Downsample2D` / `Upsample2D`).
 
+use super::Conv2d;
 use candle_core::{Module, Tensor};
-use candle_nn::Conv2d;
 
 use super::conv2d;
 use crate::error::Result;

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
+
+use crate::layers::Conv2d;
 
 use super::attention::LinearVisitor;
 use super::blocks::{

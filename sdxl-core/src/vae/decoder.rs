@@ -1,7 +1,9 @@
 //! The VAE decoder (diffusers' `Decoder`): latents (after `post_quant_conv`) → image.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
+
+use crate::layers::Conv2d;
 
 use super::blocks::{UpDecoderBlock2D, VaeMidBlock, VAE_NORM_EPS};
 use super::config::VaeConfig;

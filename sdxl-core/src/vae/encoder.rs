@@ -2,7 +2,9 @@
 //! before `quant_conv`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm};
+use candle_nn::GroupNorm;
+
+use crate::layers::Conv2d;
 
 use super::blocks::{DownEncoderBlock2D, VaeMidBlock, VAE_NORM_EPS};
 use super::config::VaeConfig;

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use crate::layers::Conv2d;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Conv2d;
 
 use super::config::VaeConfig;
 use super::decoder::Decoder;
