@@ -63,7 +63,6 @@ fn config_with(overrides: &Value) -> SchedulerConfig {
     cfg
 }
 
-
 /// Manifest cases of our families: (case name, manifest entry).
 fn cases() -> Vec<(String, Value)> {
     let manifest = common::manifest();
