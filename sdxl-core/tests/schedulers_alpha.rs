@@ -70,18 +70,6 @@ fn build(class: &str, cfg: &SchedulerConfig) -> (Box<dyn Scheduler>, Value) {
     }
 }
 
-/// `manifest.json`, with Python's non-finite literals (`-Infinity`, `Infinity`, `NaN`), which
-/// JSON (and serde_json) does not have, read as `null` — what serde_json writes for them.
-fn manifest() -> Value {
-    let path = common::fixtures_root().join("manifest.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text = text
-        .replace(": -Infinity", ": null")
-        .replace(": Infinity", ": null")
-        .replace(": NaN", ": null");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {}: {e}", path.display()))
-}
-
 /// The alpha-based cases of the manifest: `(name, entry)`, sorted by name.
 fn cases(manifest: &Value) -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = manifest["schedulers"]
@@ -156,7 +144,7 @@ fn stack(ts: &[Tensor]) -> Tensor {
 
 #[test]
 fn alpha_schedulers_replay_diffusers_trajectories() {
-    let manifest = manifest();
+    let manifest = common::manifest();
     let fake = common::index()["fake_model"].clone();
     let goldens = common::goldens(GOLDENS);
     let names: HashSet<String> = common::index_entries(GOLDENS)
@@ -279,7 +267,7 @@ fn alpha_schedulers_replay_diffusers_trajectories() {
 /// same value (numbers to 1e-12 relative).
 #[test]
 fn alpha_scheduler_configs_match_diffusers() {
-    let manifest = manifest();
+    let manifest = common::manifest();
     let mut compared = 0;
     for (case, entry) in cases(&manifest) {
         let class = entry["class"].as_str().unwrap();
@@ -309,7 +297,7 @@ fn alpha_scheduler_configs_match_diffusers() {
 /// Step counts of zero or beyond the training timesteps are rejected by every class.
 #[test]
 fn alpha_schedulers_reject_invalid_step_counts() {
-    let manifest = manifest();
+    let manifest = common::manifest();
     let mut seen: HashSet<String> = HashSet::new();
     for (_, entry) in cases(&manifest) {
         let class = entry["class"].as_str().unwrap().to_string();

@@ -4,12 +4,12 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::common;
-use super::ddim::{
-    add_noise_alpha, alpha_at, check_step_count, clip, lincomb, not_set, predict_x0,
-    reject_thresholding, spaced_timesteps, timestep_index, train_alphas_cumprod, upcast,
-    PredictionType, TimestepSpacing,
-};
+use super::arith::{lincomb, upcast};
+use super::noising::Vp;
+use super::prediction::{clip, data_prediction, reject_thresholding, PredictionType};
+use super::schedule::{betas, sigmoid_betas, AlphaSchedule};
+use super::spacing::{spaced_timesteps, TimestepSpacing};
+use super::stepping::not_set;
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -96,7 +96,7 @@ impl Default for DdpmConfig {
 #[derive(Debug, Clone)]
 pub struct Ddpm {
     config: DdpmConfig,
-    alphas_cumprod: Vec<f64>,
+    alphas: AlphaSchedule,
     timesteps: Vec<f64>,
 }
 
@@ -132,7 +132,7 @@ impl Ddpm {
                 config.num_train_timesteps,
             )
         } else {
-            common::betas(
+            betas(
                 &config.beta_schedule,
                 config.beta_start,
                 config.beta_end,
@@ -140,10 +140,11 @@ impl Ddpm {
                 config.trained_betas.as_deref(),
             )?
         };
-        let alphas_cumprod = train_alphas_cumprod(&betas, config.rescale_betas_zero_snr)?;
+        // Past the last step ᾱ is 1 (diffusers' `self.one`).
+        let alphas = AlphaSchedule::new(&betas, config.rescale_betas_zero_snr, true)?;
         Ok(Self {
             config,
-            alphas_cumprod,
+            alphas,
             timesteps: Vec::new(),
         })
     }
@@ -154,12 +155,12 @@ impl Ddpm {
     }
 
     /// The timestep after `t` in the schedule, or -1 after the last one.
-    fn previous_timestep(&self, t: f64) -> Result<i64> {
+    fn previous_timestep(&self, t: f64) -> Result<f64> {
         let i =
             self.timesteps.iter().position(|&s| s == t).ok_or_else(|| {
                 Error::invalid(format!("timestep {t} is not in the DDPM schedule"))
             })?;
-        Ok(self.timesteps.get(i + 1).map_or(-1, |&p| p as i64))
+        Ok(self.timesteps.get(i + 1).copied().unwrap_or(-1.0))
     }
 
     /// The standard deviation of the noise added at `t`.
@@ -176,16 +177,14 @@ impl Ddpm {
 
 impl Scheduler for Ddpm {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let train = self.config.num_train_timesteps;
-        check_step_count(num_inference_steps, train)?;
         self.timesteps = spaced_timesteps(
             self.config.timestep_spacing,
-            train,
+            self.config.num_train_timesteps,
             num_inference_steps,
             self.config.steps_offset,
-        )
+        )?
         .into_iter()
-        .map(|t| t as f64)
+        .map(f64::round_ties_even)
         .collect();
         Ok(())
     }
@@ -214,13 +213,8 @@ impl Scheduler for Ddpm {
         if self.timesteps.is_empty() {
             return Err(not_set());
         }
-        let t = timestep_index(timestep)?;
-        let prev_t = self.previous_timestep(timestep)?;
-        let a_t = alpha_at(&self.alphas_cumprod, t)?;
-        let a_prev = match usize::try_from(prev_t) {
-            Ok(p) => alpha_at(&self.alphas_cumprod, p)?,
-            Err(_) => 1.0,
-        };
+        let a_t = self.alphas.alpha(timestep)?;
+        let a_prev = self.alphas.alpha_prev(self.previous_timestep(timestep)?)?;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let current_alpha = a_t / a_prev;
         let current_beta = 1.0 - current_alpha;
@@ -228,13 +222,18 @@ impl Scheduler for Ddpm {
         let out_dtype = model_output.dtype();
         let mo = upcast(model_output)?;
         let x = upcast(sample)?;
-        let x0 = predict_x0(self.config.prediction_type, &mo, &x, a_t)?;
+        let x0 = data_prediction(
+            self.config.prediction_type,
+            &mo,
+            &x,
+            Vp::from_alpha_cumprod(a_t),
+        )?;
         let x0 = clip(x0, self.config.clip_sample, self.config.clip_sample_range)?;
 
         let x0_coeff = a_prev.sqrt() * current_beta / b_t;
         let sample_coeff = current_alpha.sqrt() * b_prev / b_t;
         let mut prev = lincomb(&[(x0_coeff, &x0), (sample_coeff, &x)])?;
-        if t > 0 {
+        if timestep > 0.0 {
             let z = noise.randn(model_output.dims(), out_dtype, model_output.device())?;
             prev = (prev + upcast(&z)?.affine(self.noise_std(a_t, a_prev), 0.0)?)?;
         }
@@ -245,19 +244,8 @@ impl Scheduler for Ddpm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        add_noise_alpha(&self.alphas_cumprod, original, noise, timestep)
+        self.alphas.add_noise(original, noise, timestep)
     }
-}
-
-/// `sigmoid(linspace(-6, 6)) * (beta_end - beta_start) + beta_start` in float32.
-fn sigmoid_betas(beta_start: f64, beta_end: f64, n: usize) -> Vec<f64> {
-    common::linspace_f32(-6.0, 6.0, n)
-        .into_iter()
-        .map(|x| {
-            let s = common::f32_round(1.0 / (1.0 + (-x).exp()));
-            common::f32_round(s * (beta_end - beta_start) + beta_start)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -313,10 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn sigmoid_schedule_spans_the_beta_range() -> Result<()> {
-        let b = sigmoid_betas(0.0001, 0.02, 1000);
-        assert!(b.windows(2).all(|w| w[0] <= w[1]));
-        assert!((b[0] - 0.0001).abs() < 1e-4 && (b[999] - 0.02).abs() < 1e-4);
+    fn sigmoid_schedule_is_accepted() -> Result<()> {
         let cfg = DdpmConfig {
             beta_schedule: "sigmoid".to_string(),
             ..DdpmConfig::default()
@@ -331,8 +316,8 @@ mod tests {
     fn last_step_has_no_successor() -> Result<()> {
         let mut s = Ddpm::new(DdpmConfig::default())?;
         s.set_timesteps(4)?;
-        assert_eq!(s.previous_timestep(750.0)?, 500);
-        assert_eq!(s.previous_timestep(0.0)?, -1);
+        assert_eq!(s.previous_timestep(750.0)?, 500.0);
+        assert_eq!(s.previous_timestep(0.0)?, -1.0);
         assert!(s.previous_timestep(3.0).is_err());
         Ok(())
     }

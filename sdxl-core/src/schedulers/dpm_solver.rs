@@ -1,16 +1,17 @@
 //! DPM-Solver++ (Lu et al. 2022, <https://arxiv.org/abs/2211.01095>), as diffusers'
 //! `DPMSolverMultistepScheduler` with `algorithm_type` `dpmsolver++` (ODE) or
-//! `sde-dpmsolver++` (SDE, fresh noise every step), orders 1–3; plus the VP-sigma pieces shared
-//! with UniPC (sigma schedules, step cursor, sigma-based `add_noise`).
+//! `sde-dpmsolver++` (SDE, fresh noise every step), orders 1–3.
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::common;
-use super::ddim::{
-    check_step_count, lincomb, not_set, np_arange, np_linspace, np_round, reject_thresholding,
-    train_alphas_cumprod, upcast, PredictionType, TimestepSpacing,
-};
+use super::arith::{lincomb, upcast};
+use super::noising::Vp;
+use super::prediction::{data_prediction, reject_thresholding, PredictionType};
+use super::schedule::{betas, f32_round, train_alphas_cumprod, vp_sigmas, TerminalAlpha};
+use super::sigmas::{multistep_plan, FinalSigmasType, SigmaBounds, SigmaFlags, SigmaSpacing};
+use super::spacing::{multistep_timesteps, TimestepSpacing};
+use super::stepping::{not_set, MissingTimestep, ModelHistory, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -61,8 +62,8 @@ pub struct DpmSolverConfig {
     pub use_flow_sigmas: bool,
     /// Flow-matching shift (used with `use_flow_sigmas`).
     pub flow_shift: f64,
-    /// Final sigma: `zero` or `sigma_min`.
-    pub final_sigmas_type: String,
+    /// The σ the last step lands on.
+    pub final_sigmas_type: FinalSigmasType,
     /// Lower clip for λ(t) (`null` = −∞), for the cosine schedule.
     pub lambda_min_clipped: Option<f64>,
     /// `learned`/`learned_range` for variance-predicting models; not supported here.
@@ -108,7 +109,7 @@ impl Default for DpmSolverConfig {
             use_lu_lambdas: false,
             use_flow_sigmas: false,
             flow_shift: 1.0,
-            final_sigmas_type: "zero".to_string(),
+            final_sigmas_type: FinalSigmasType::Zero,
             lambda_min_clipped: None,
             variance_type: None,
             timestep_spacing: TimestepSpacing::Linspace,
@@ -120,332 +121,6 @@ impl Default for DpmSolverConfig {
             sigma_max: None,
         }
     }
-}
-
-/// How inference sigmas are spaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SigmaSpacing {
-    /// The training sigmas at the spaced timesteps.
-    Timesteps,
-    /// Karras et al. (2022), ρ = 7.
-    Karras,
-    /// Log-linear between the extreme sigmas.
-    Exponential,
-    /// Linear in log σ (DPM-Solver's λ spacing); DPM-Solver only.
-    LuLambdas,
-}
-
-impl SigmaSpacing {
-    /// The spacing selected by the `use_*_sigmas` flags.
-    ///
-    /// # Errors
-    /// [`Error::Unsupported`] for beta or flow sigmas, [`Error::InvalidArgument`] when more
-    /// than one of Karras/exponential/beta is set.
-    pub(crate) fn from_flags(
-        karras: bool,
-        exponential: bool,
-        beta: bool,
-        lu: bool,
-        flow: bool,
-    ) -> Result<Self> {
-        if [karras, exponential, beta].iter().filter(|&&f| f).count() > 1 {
-            return Err(Error::invalid(
-                "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set",
-            ));
-        }
-        if beta || flow {
-            return Err(Error::unsupported(
-                "use_beta_sigmas / use_flow_sigmas are not implemented",
-            ));
-        }
-        Ok(if karras {
-            Self::Karras
-        } else if lu {
-            Self::LuLambdas
-        } else if exponential {
-            Self::Exponential
-        } else {
-            Self::Timesteps
-        })
-    }
-}
-
-/// The final sigma (`final_sigmas_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FinalSigma {
-    /// Step to σ = 0.
-    Zero,
-    /// Step to the smallest sigma.
-    SigmaMin,
-}
-
-impl FinalSigma {
-    /// Parses `zero` / `sigma_min`.
-    ///
-    /// # Errors
-    /// [`Error::Unsupported`] for any other value.
-    pub(crate) fn parse(value: &str) -> Result<Self> {
-        match value {
-            "zero" => Ok(Self::Zero),
-            "sigma_min" => Ok(Self::SigmaMin),
-            other => Err(Error::unsupported(format!(
-                "final_sigmas_type `{other}` (expected zero or sigma_min)"
-            ))),
-        }
-    }
-}
-
-/// Which step of the schedule comes next, as diffusers' `_step_index`/`_begin_index`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct StepCursor {
-    begin_index: Option<usize>,
-    step_index: Option<usize>,
-}
-
-impl StepCursor {
-    /// Forgets both indices (after `set_timesteps`).
-    pub(crate) fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    /// Starts the next run at `begin_index`.
-    pub(crate) fn set_begin_index(&mut self, begin_index: usize) {
-        self.begin_index = Some(begin_index);
-    }
-
-    /// The current step index, initialised on first use from the begin index or by looking
-    /// `timestep` up in `timesteps`.
-    pub(crate) fn index(&mut self, timesteps: &[f64], timestep: f64) -> usize {
-        *self.step_index.get_or_insert_with(|| {
-            self.begin_index
-                .unwrap_or_else(|| index_for_timestep(timesteps, timestep))
-        })
-    }
-
-    /// Moves to the next step.
-    pub(crate) fn advance(&mut self) {
-        if let Some(i) = self.step_index.as_mut() {
-            *i += 1;
-        }
-    }
-
-    /// The step index `add_noise` uses: the lookup without a begin index, else the current
-    /// step (inpainting) or the begin index (img2img).
-    pub(crate) fn noise_index(&self, timesteps: &[f64], timestep: f64) -> usize {
-        match (self.begin_index, self.step_index) {
-            (None, _) => index_for_timestep(timesteps, timestep),
-            (Some(_), Some(step)) => step,
-            (Some(begin), None) => begin,
-        }
-    }
-}
-
-/// diffusers' `index_for_timestep`: the second match when the timestep repeats (so a run that
-/// starts mid-schedule does not skip a sigma), the last index when it is absent.
-pub(crate) fn index_for_timestep(timesteps: &[f64], timestep: f64) -> usize {
-    let mut matches = timesteps
-        .iter()
-        .enumerate()
-        .filter(|(_, &t)| t == timestep)
-        .map(|(i, _)| i);
-    match (matches.next(), matches.next()) {
-        (Some(_), Some(second)) => second,
-        (Some(first), None) => first,
-        _ => timesteps.len().saturating_sub(1),
-    }
-}
-
-/// The VP training sigmas `√((1−ᾱ)/ᾱ)`, in float32 as diffusers computes them.
-pub(crate) fn vp_sigmas(alphas_cumprod: &[f64]) -> Vec<f64> {
-    alphas_cumprod
-        .iter()
-        .map(|&a| {
-            let a = a as f32;
-            f64::from(((1.0 - a) / a).sqrt())
-        })
-        .collect()
-}
-
-/// `(α_t, σ_t)` of a VP sigma: `α = 1/√(σ²+1)`, `σ_t = σ α`.
-pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
-/// The half-log-SNR `λ = log α − log σ_t` of a VP sigma (+∞ at σ = 0).
-pub(crate) fn lambda(sigma: f64) -> f64 {
-    let (alpha, sigma_t) = alpha_sigma(sigma);
-    alpha.ln() - sigma_t.ln()
-}
-
-/// diffusers' `_sigma_to_t`: the fractional training timestep of `sigma`, interpolating in
-/// log-sigma.
-pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    // argmax of the cumulative count of log_sigmas below log_sigma (first maximum).
-    let (mut count, mut best, mut low) = (0usize, 0usize, 0usize);
-    for (i, &l) in log_sigmas.iter().enumerate() {
-        if log_sigma - l >= 0.0 {
-            count += 1;
-        }
-        if count > best {
-            best = count;
-            low = i;
-        }
-    }
-    let low = low.min(log_sigmas.len().saturating_sub(2));
-    let (lo, hi) = match (log_sigmas.get(low), log_sigmas.get(low + 1)) {
-        (Some(&lo), Some(&hi)) => (lo, hi),
-        _ => return 0.0,
-    };
-    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
-    (1.0 - w) * low as f64 + w * (low + 1) as f64
-}
-
-/// The `n` inference timesteps of the multistep solvers (DPM-Solver, UniPC), descending:
-/// spaced over `[0, last_timestep)`.
-pub(crate) fn multistep_timesteps(
-    spacing: TimestepSpacing,
-    num_train: usize,
-    last_timestep: usize,
-    n: usize,
-    steps_offset: usize,
-) -> Vec<i64> {
-    match spacing {
-        TimestepSpacing::Linspace => {
-            let mut t: Vec<i64> = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
-                .into_iter()
-                .rev()
-                .map(|t| np_round(t) as i64)
-                .collect();
-            t.pop();
-            t
-        }
-        TimestepSpacing::Leading => {
-            let ratio = (last_timestep / (n + 1)) as i64;
-            (1..=n as i64)
-                .rev()
-                .map(|i| i * ratio + steps_offset as i64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            let ratio = num_train as f64 / n as f64;
-            np_arange(last_timestep as f64, 0.0, -ratio)
-                .into_iter()
-                .map(|t| np_round(t) as i64 - 1)
-                .collect()
-        }
-    }
-}
-
-/// The inference sigmas (without the final one) and timesteps for a sigma spacing.
-///
-/// `round_karras` rounds the Karras/Lu timesteps (diffusers' DPM-Solver skips this for the
-/// cosine schedule); other fractional timesteps are truncated, as `astype(int64)` does.
-pub(crate) fn spaced_sigmas(
-    spacing: SigmaSpacing,
-    train_sigmas: &[f64],
-    timesteps: Vec<i64>,
-    n: usize,
-    sigma_range: (Option<f64>, Option<f64>),
-    round_karras: bool,
-) -> (Vec<f64>, Vec<i64>) {
-    let log_sigmas: Vec<f64> = train_sigmas
-        .iter()
-        .map(|&s| f64::from((s as f32).ln()))
-        .collect();
-    let first = train_sigmas.first().copied().unwrap_or(0.0);
-    let last = train_sigmas.last().copied().unwrap_or(0.0);
-    let sigma_min = sigma_range.0.unwrap_or(first);
-    let sigma_max = sigma_range.1.unwrap_or(last);
-    let to_timesteps = |sigmas: &[f64], round: bool| -> Vec<i64> {
-        sigmas
-            .iter()
-            .map(|&s| {
-                let t = sigma_to_t(s, &log_sigmas);
-                (if round { np_round(t) } else { t }) as i64
-            })
-            .collect()
-    };
-    match spacing {
-        SigmaSpacing::Timesteps => {
-            let sigmas = timesteps
-                .iter()
-                .map(|&t| {
-                    let i = usize::try_from(t).unwrap_or(0);
-                    train_sigmas.get(i).copied().unwrap_or(last)
-                })
-                .collect();
-            (sigmas, timesteps)
-        }
-        SigmaSpacing::Karras => {
-            let sigmas = common::karras_sigmas(sigma_min, sigma_max, n);
-            let ts = to_timesteps(&sigmas, round_karras);
-            (sigmas, ts)
-        }
-        SigmaSpacing::Exponential => {
-            let sigmas: Vec<f64> = np_linspace(sigma_max.ln(), sigma_min.ln(), n)
-                .into_iter()
-                .map(f64::exp)
-                .collect();
-            let ts = to_timesteps(&sigmas, false);
-            (sigmas, ts)
-        }
-        SigmaSpacing::LuLambdas => {
-            let lambda_min = log_sigmas.first().copied().unwrap_or(0.0);
-            let lambda_max = log_sigmas.last().copied().unwrap_or(0.0);
-            let sigmas: Vec<f64> = np_linspace(0.0, 1.0, n)
-                .into_iter()
-                .map(|r| (lambda_max + r * (lambda_min - lambda_max)).exp())
-                .collect();
-            let ts = to_timesteps(&sigmas, round_karras);
-            (sigmas, ts)
-        }
-    }
-}
-
-/// `α_t x + σ_t ε` at the sigma of the cursor's step (diffusers' sigma-based `add_noise`).
-pub(crate) fn add_noise_sigma(
-    sigmas: &[f64],
-    timesteps: &[f64],
-    cursor: &StepCursor,
-    original: &Tensor,
-    noise: &Tensor,
-    timestep: f64,
-) -> Result<Tensor> {
-    let i = cursor.noise_index(timesteps, timestep);
-    let sigma = sigma_at(sigmas, i)?;
-    let (alpha, sigma_t) = alpha_sigma(sigma);
-    let noise = noise.to_dtype(original.dtype())?;
-    lincomb(&[(alpha, original), (sigma_t, &noise)])
-}
-
-/// The sigma at step `i`.
-pub(crate) fn sigma_at(sigmas: &[f64], i: usize) -> Result<f64> {
-    sigmas.get(i).copied().ok_or_else(|| {
-        Error::invalid(format!(
-            "step {i} is past the end of the {}-step schedule",
-            sigmas.len().saturating_sub(1)
-        ))
-    })
-}
-
-/// Shifts a model-output history left and appends `latest` (diffusers' `model_outputs`).
-pub(crate) fn push_history(history: &mut [Option<Tensor>], latest: Tensor) {
-    history.rotate_left(1);
-    if let Some(slot) = history.last_mut() {
-        *slot = Some(latest);
-    }
-}
-
-/// The `back`-th most recent entry of a history (0 = latest).
-pub(crate) fn history_at(history: &[Option<Tensor>], back: usize) -> Result<&Tensor> {
-    history
-        .len()
-        .checked_sub(back + 1)
-        .and_then(|i| history.get(i))
-        .and_then(Option::as_ref)
-        .ok_or_else(|| Error::invalid("multistep history is shorter than the solver order"))
 }
 
 /// Whether the SDE variant is used.
@@ -465,14 +140,11 @@ pub struct DpmSolverMultistep {
     algorithm: Algorithm,
     heun: bool,
     spacing: SigmaSpacing,
-    final_sigma: FinalSigma,
     alphas_cumprod: Vec<f64>,
     train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    model_outputs: Vec<Option<Tensor>>,
+    schedule: SigmaSchedule,
+    model_outputs: ModelHistory,
     lower_order_nums: usize,
-    cursor: StepCursor,
 }
 
 impl DpmSolverMultistep {
@@ -528,42 +200,33 @@ impl DpmSolverMultistep {
         if config.use_dynamic_shifting {
             return Err(Error::unsupported("use_dynamic_shifting (flow models)"));
         }
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas,
-            config.use_exponential_sigmas,
-            config.use_beta_sigmas,
-            config.use_lu_lambdas,
-            config.use_flow_sigmas,
-        )?;
-        let final_sigma = FinalSigma::parse(&config.final_sigmas_type)?;
-        let betas = common::betas(
+        let spacing = SigmaFlags {
+            karras: config.use_karras_sigmas,
+            exponential: config.use_exponential_sigmas,
+            beta: config.use_beta_sigmas,
+            lu: config.use_lu_lambdas,
+            flow: config.use_flow_sigmas,
+        }
+        .spacing()?;
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let mut alphas_cumprod = train_alphas_cumprod(&betas, config.rescale_betas_zero_snr)?;
-        if config.rescale_betas_zero_snr {
-            // Close to 0 without being 0, so the first sigma is finite (fp16's smallest subnormal).
-            if let Some(last) = alphas_cumprod.last_mut() {
-                *last = 2f64.powi(-24);
-            }
-        }
-        let train_sigmas = vp_sigmas(&alphas_cumprod);
+        let alphas_cumprod =
+            train_alphas_cumprod(&betas, config.rescale_betas_zero_snr, TerminalAlpha::Finite)?;
         Ok(Self {
-            model_outputs: vec![None; config.solver_order],
+            model_outputs: ModelHistory::new(config.solver_order),
+            train_sigmas: vp_sigmas(&alphas_cumprod),
             config,
             algorithm,
             heun,
             spacing,
-            final_sigma,
             alphas_cumprod,
-            train_sigmas,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            schedule: SigmaSchedule::new(MissingTimestep::LastStep),
             lower_order_nums: 0,
-            cursor: StepCursor::default(),
         })
     }
 
@@ -591,18 +254,6 @@ impl DpmSolverMultistep {
         train - clipped
     }
 
-    /// The data prediction x₀ from the model output at step sigma `sigma`.
-    fn convert(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
-        let (alpha, sigma_t) = alpha_sigma(sigma);
-        match self.config.prediction_type {
-            PredictionType::Epsilon => {
-                lincomb(&[(1.0 / alpha, sample), (-sigma_t / alpha, model_output)])
-            }
-            PredictionType::Sample => Ok(model_output.clone()),
-            PredictionType::VPrediction => lincomb(&[(alpha, sample), (-sigma_t, model_output)]),
-        }
-    }
-
     /// One solver update of `order` from step `i` to `i + 1`.
     fn update(
         &self,
@@ -612,9 +263,8 @@ impl DpmSolverMultistep {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let s = |k: usize| -> Result<(f64, f64, f64)> {
-            let sigma = sigma_at(&self.sigmas, k)?;
-            let (a, st) = alpha_sigma(sigma);
-            Ok((a, st, lambda(sigma)))
+            let vp = Vp::from_sigma(self.schedule.sigma(k)?);
+            Ok((vp.alpha, vp.sigma, vp.lambda()))
         };
         let back = |n: usize| {
             i.checked_sub(n)
@@ -623,7 +273,7 @@ impl DpmSolverMultistep {
         let (alpha_t, sigma_t, lambda_t) = s(i + 1)?;
         let (_, sigma_s0, lambda_s0) = s(i)?;
         let h = lambda_t - lambda_s0;
-        let m0 = history_at(&self.model_outputs, 0)?;
+        let m0 = self.model_outputs.get(0)?;
         let (exp_h, exp_2h) = ((-h).exp(), (-2.0 * h).exp());
 
         // x_t = c_x·x + Σ c_k·D_k (+ noise term), written per algorithm.
@@ -641,7 +291,7 @@ impl DpmSolverMultistep {
         match order {
             1 => {}
             2 => {
-                let m1 = history_at(&self.model_outputs, 1)?;
+                let m1 = self.model_outputs.get(1)?;
                 let (_, _, lambda_s1) = s(back(1)?)?;
                 let r0 = (lambda_s0 - lambda_s1) / h;
                 let d1 = (m0 - m1)?.affine(1.0 / r0, 0.0)?;
@@ -653,8 +303,8 @@ impl DpmSolverMultistep {
                 terms.push((c1, d1));
             }
             _ => {
-                let m1 = history_at(&self.model_outputs, 1)?;
-                let m2 = history_at(&self.model_outputs, 2)?;
+                let m1 = self.model_outputs.get(1)?;
+                let m2 = self.model_outputs.get(2)?;
                 let (_, _, lambda_s1) = s(back(1)?)?;
                 let (_, _, lambda_s2) = s(back(2)?)?;
                 let (r0, r1) = ((lambda_s0 - lambda_s1) / h, (lambda_s1 - lambda_s2) / h);
@@ -687,41 +337,47 @@ impl DpmSolverMultistep {
 
 impl Scheduler for DpmSolverMultistep {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let train = self.config.num_train_timesteps;
-        check_step_count(num_inference_steps, train)?;
+        let c = &self.config;
         let spaced = multistep_timesteps(
-            self.config.timestep_spacing,
-            train,
+            c.timestep_spacing,
+            c.num_train_timesteps,
             self.last_timestep(),
             num_inference_steps,
-            self.config.steps_offset,
-        );
-        let (mut sigmas, timesteps) = spaced_sigmas(
-            self.spacing,
+            c.steps_offset,
+        )?;
+        let plan = multistep_plan(
             &self.train_sigmas,
             spaced,
+            self.spacing,
             num_inference_steps,
-            (self.config.sigma_min, self.config.sigma_max),
-            self.config.beta_schedule != "squaredcos_cap_v2",
+            SigmaBounds {
+                min: c.sigma_min,
+                max: c.sigma_max,
+            },
+            c.beta_schedule != "squaredcos_cap_v2",
         );
-        sigmas.push(match self.final_sigma {
-            FinalSigma::Zero => 0.0,
-            FinalSigma::SigmaMin => self.train_sigmas.first().copied().unwrap_or(0.0),
-        });
-        self.sigmas = sigmas.into_iter().map(common::f32_round).collect();
-        self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
-        self.model_outputs = vec![None; self.config.solver_order];
+        let last = match c.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => self.train_sigmas.first().copied().unwrap_or(0.0),
+        };
+        let sigmas = plan
+            .sigmas
+            .into_iter()
+            .chain(std::iter::once(last))
+            .map(f32_round)
+            .collect();
+        self.schedule.set(plan.timesteps, sigmas);
+        self.model_outputs = ModelHistory::new(c.solver_order);
         self.lower_order_nums = 0;
-        self.cursor.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -729,7 +385,7 @@ impl Scheduler for DpmSolverMultistep {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
@@ -743,20 +399,27 @@ impl Scheduler for DpmSolverMultistep {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        if self.timesteps.is_empty() {
+        if self.schedule.timesteps().is_empty() {
             return Err(not_set());
         }
-        let i = self.cursor.index(&self.timesteps, timestep);
-        let n = self.timesteps.len();
+        let (i, sigma) = self.schedule.current_sigma(timestep)?;
+        let n = self.schedule.timesteps().len();
         let short = self.config.lower_order_final && n < 15;
         let lower_order_final = i + 1 == n
-            && (self.config.euler_at_final || short || self.final_sigma == FinalSigma::Zero);
+            && (self.config.euler_at_final
+                || short
+                || self.config.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = i + 2 == n && short;
 
         let out_dtype = model_output.dtype();
         let x = upcast(sample)?;
-        let x0 = self.convert(&upcast(model_output)?, &x, sigma_at(&self.sigmas, i)?)?;
-        push_history(&mut self.model_outputs, x0.clone());
+        let x0 = data_prediction(
+            self.config.prediction_type,
+            &upcast(model_output)?,
+            &x,
+            Vp::from_sigma(sigma),
+        )?;
+        self.model_outputs.push(x0.clone());
 
         let z = match self.algorithm {
             Algorithm::Sde => Some(
@@ -778,7 +441,7 @@ impl Scheduler for DpmSolverMultistep {
         if self.lower_order_nums < solver_order {
             self.lower_order_nums += 1;
         }
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(out_dtype)?,
             pred_original_sample: Some(x0.to_dtype(out_dtype)?),
@@ -786,59 +449,7 @@ impl Scheduler for DpmSolverMultistep {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        add_noise_sigma(
-            &self.sigmas,
-            &self.timesteps,
-            &self.cursor,
-            original,
-            noise,
-            timestep,
-        )
-    }
-}
-
-/// Test support shared with UniPC: a probability-flow ODE with a known solution.
-#[cfg(test)]
-pub(crate) mod testing {
-    use candle_core::{DType, Device, Tensor};
-
-    use super::alpha_sigma;
-    use crate::error::{Error, Result};
-    use crate::schedulers::{NoiseSource, Scheduler};
-
-    /// A noise source for deterministic samplers: any draw is an error.
-    pub(crate) struct NoNoise;
-
-    impl NoiseSource for NoNoise {
-        fn randn(&mut self, _: &[usize], _: DType, _: &Device) -> Result<Tensor> {
-            Err(Error::invalid("a deterministic sampler drew noise"))
-        }
-    }
-
-    /// Samples 1-D Gaussian data N(0, s²) with its exact denoiser E[x₀|x_t] (the scheduler must
-    /// use `prediction_type: sample`) up to the last timestep, skipping the final first-order
-    /// jump to σ = 0, and returns the largest error there against the exact ODE solution:
-    /// `x_t / √(α²s² + σ_t²)` is constant along the flow.
-    pub(crate) fn gaussian_ode_error(sched: &mut dyn Scheduler, steps: usize) -> Result<f64> {
-        let s2 = 0.25;
-        let z = [1.3f64, -0.7, 0.2, 2.1];
-        sched.set_timesteps(steps)?;
-        sched.set_begin_index(0);
-        let sigmas = sched.sigmas().map(<[f64]>::to_vec).unwrap_or_default();
-        let timesteps = sched.timesteps().to_vec();
-        let (a, st) = alpha_sigma(sigmas.first().copied().unwrap_or(0.0));
-        let scale = (a * a * s2 + st * st).sqrt();
-        let mut x = Tensor::new(&z.map(|v| v * scale), &Device::Cpu)?;
-        let last = timesteps.len().saturating_sub(1);
-        for (i, &t) in timesteps.iter().enumerate().take(last) {
-            let (a, st) = alpha_sigma(sigmas.get(i).copied().unwrap_or(0.0));
-            let x0 = x.affine(a * s2 / (a * a * s2 + st * st), 0.0)?;
-            x = sched.step(&x0, t, &x, &mut NoNoise)?.prev_sample;
-        }
-        let (a, st) = alpha_sigma(sigmas.get(last).copied().unwrap_or(0.0));
-        let scale = (a * a * s2 + st * st).sqrt();
-        let exact = Tensor::new(&z.map(|v| v * scale), &Device::Cpu)?;
-        Ok((x - exact)?.abs()?.max(0)?.to_scalar::<f64>()?)
+        Vp::from_sigma(self.schedule.noise_sigma(timestep)?).add_noise(original, noise)
     }
 }
 
@@ -871,7 +482,7 @@ mod tests {
     fn higher_orders_solve_the_gaussian_ode_more_accurately() -> Result<()> {
         let err = |order: usize, solver: &str, steps: usize| -> Result<f64> {
             let mut s = DpmSolverMultistep::new(ode_config(order, solver))?;
-            testing::gaussian_ode_error(&mut s, steps)
+            crate::schedulers::testing::gaussian_ode_error(&mut s, steps)
         };
         let (e1, e2, e2h, e3) = (
             err(1, "midpoint", 20)?,
@@ -896,7 +507,7 @@ mod tests {
         s.set_timesteps(10)?;
         let (x, z) = (Tensor::new(&[1.0f64], &dev)?, Tensor::new(&[0.0f64], &dev)?);
         let t3 = s.timesteps()[3];
-        let expected = alpha_sigma(s.sigmas[3]).0;
+        let expected = Vp::from_sigma(s.schedule.sigmas()[3]).alpha;
         let by_lookup = s.add_noise(&x, &z, t3)?.to_vec1::<f64>()?;
         s.set_begin_index(3);
         let by_begin = s.add_noise(&x, &z, 0.0)?.to_vec1::<f64>()?;
@@ -912,28 +523,6 @@ mod tests {
         assert_eq!(s.timesteps().last().copied(), Some(91.0));
         assert_eq!(s.sigmas().map(<[f64]>::len), Some(11));
         assert_eq!(s.sigmas().and_then(|v| v.last().copied()), Some(0.0));
-        Ok(())
-    }
-
-    #[test]
-    fn step_index_lookup_prefers_the_second_match() {
-        assert_eq!(index_for_timestep(&[9.0, 5.0, 5.0, 1.0], 5.0), 2);
-        assert_eq!(index_for_timestep(&[9.0, 5.0, 1.0], 5.0), 1);
-        assert_eq!(index_for_timestep(&[9.0, 5.0, 1.0], 7.0), 2);
-    }
-
-    #[test]
-    fn sigma_to_t_inverts_the_training_sigmas() -> Result<()> {
-        let s = DpmSolverMultistep::new(sdxl_like())?;
-        let logs: Vec<f64> = s
-            .train_sigmas
-            .iter()
-            .map(|&x| f64::from((x as f32).ln()))
-            .collect();
-        for t in [0usize, 1, 500, 998, 999] {
-            let got = sigma_to_t(s.train_sigmas[t], &logs);
-            assert!((got - t as f64).abs() < 1e-3, "t {t}: {got}");
-        }
         Ok(())
     }
 

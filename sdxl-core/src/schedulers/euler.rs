@@ -4,7 +4,15 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::common::{self, PredictionType, SigmaBounds, SigmaSpacing, StepCursor, TimestepSpacing};
+use super::arith::compute_dtype;
+use super::noising::add_sigma_noise;
+use super::prediction::{denoised, PredictionType};
+use super::schedule::{betas, f32_round};
+use super::sigmas::{
+    scale_by_sigma, training_sigmas, FinalSigmasType, KSigmaSource, SigmaBounds, SigmaFlags,
+};
+use super::spacing::TimestepSpacing;
+use super::stepping::{value_at, MissingTimestep, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -27,16 +35,6 @@ pub enum TimestepType {
     Discrete,
     /// `0.25 · ln σ` (EDM style), used together with v-prediction.
     Continuous,
-}
-
-/// `final_sigmas_type`: the σ the last step lands on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinalSigmasType {
-    /// σ = 0: a fully denoised result.
-    Zero,
-    /// The smallest training σ.
-    SigmaMin,
 }
 
 /// `EulerDiscreteScheduler`'s config, field for field, with diffusers' defaults.
@@ -107,11 +105,8 @@ impl Default for EulerDiscreteConfig {
 #[derive(Debug, Clone)]
 pub struct EulerDiscrete {
     config: EulerDiscreteConfig,
-    spacing: SigmaSpacing,
-    train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    cursor: StepCursor,
+    source: KSigmaSource,
+    schedule: SigmaSchedule,
 }
 
 impl EulerDiscrete {
@@ -135,33 +130,40 @@ impl EulerDiscrete {
                 "EulerDiscrete interpolation_type `log_linear`",
             ));
         }
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas.unwrap_or(false),
-            config.use_exponential_sigmas.unwrap_or(false),
-            config.use_beta_sigmas.unwrap_or(false),
-        )?;
-        let betas = common::betas(
+        let spacing = SigmaFlags::from_options(
+            config.use_karras_sigmas,
+            config.use_exponential_sigmas,
+            config.use_beta_sigmas,
+        )
+        .spacing()?;
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let train_sigmas = common::training_sigmas(&betas, config.rescale_betas_zero_snr)?;
-        let (mut timesteps, sigmas) =
-            common::training_schedule(&train_sigmas, config.num_train_timesteps);
+        let source = KSigmaSource {
+            train_sigmas: training_sigmas(&betas, config.rescale_betas_zero_snr)?,
+            num_train_timesteps: config.num_train_timesteps,
+            timestep_spacing: config.timestep_spacing,
+            steps_offset: config.steps_offset,
+            spacing,
+            bounds: SigmaBounds {
+                min: config.sigma_min,
+                max: config.sigma_max,
+            },
+        };
+        let (mut timesteps, sigmas) = source.training_schedule();
         let mut this = Self {
             config,
-            spacing,
-            train_sigmas,
-            timesteps: Vec::new(),
-            sigmas,
-            cursor: StepCursor::default(),
+            source,
+            schedule: SigmaSchedule::new(MissingTimestep::Error),
         };
         if this.continuous_timesteps() {
-            timesteps = this.continuous_from_sigmas();
+            timesteps = continuous_from_sigmas(&sigmas);
         }
-        this.timesteps = timesteps;
+        this.schedule.set(timesteps, sigmas);
         Ok(this)
     }
 
@@ -174,77 +176,60 @@ impl EulerDiscrete {
         self.config.timestep_type == TimestepType::Continuous
             && self.config.prediction_type == PredictionType::VPrediction
     }
+}
 
-    /// `0.25 · ln σ` (float32) for every σ but the final one.
-    fn continuous_from_sigmas(&self) -> Vec<f64> {
-        let n = self.sigmas.len().saturating_sub(1);
-        self.sigmas
-            .iter()
-            .take(n)
-            .map(|&s| common::f32_round(0.25 * (s as f32).ln() as f64))
-            .collect()
-    }
+/// `0.25 · ln σ` (float32) for every σ but the final one.
+fn continuous_from_sigmas(sigmas: &[f64]) -> Vec<f64> {
+    let n = sigmas.len().saturating_sub(1);
+    sigmas
+        .iter()
+        .take(n)
+        .map(|&s| f32_round(0.25 * (s as f32).ln() as f64))
+        .collect()
 }
 
 impl Scheduler for EulerDiscrete {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let spaced = common::spaced_timesteps(
-            c.timestep_spacing,
-            c.num_train_timesteps,
-            num_inference_steps,
-            c.steps_offset,
-        )?;
-        let bounds = SigmaBounds {
-            min: c.sigma_min,
-            max: c.sigma_max,
-        };
-        let plan = common::sigma_plan(
-            &self.train_sigmas,
-            spaced,
-            self.spacing,
-            num_inference_steps,
-            bounds,
-        );
-        let last = match c.final_sigmas_type {
+        let plan = self.source.plan(num_inference_steps)?;
+        let last = match self.config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => common::value_at(&self.train_sigmas, 0, "sigma")?,
+            FinalSigmasType::SigmaMin => value_at(&self.source.train_sigmas, 0, "sigma")?,
         };
-        self.sigmas = plan
+        let sigmas: Vec<f64> = plan
             .sigmas
             .iter()
             .copied()
             .chain(std::iter::once(last))
-            .map(common::f32_round)
+            .map(f32_round)
             .collect();
-        self.timesteps = if self.continuous_timesteps() {
-            self.continuous_from_sigmas()
+        let timesteps = if self.continuous_timesteps() {
+            continuous_from_sigmas(&sigmas)
         } else {
-            plan.timesteps.into_iter().map(common::f32_round).collect()
+            plan.timesteps.into_iter().map(f32_round).collect()
         };
-        self.cursor.reset();
+        self.schedule.set(timesteps, sigmas);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        common::init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.source.init_noise_sigma(self.schedule.sigmas())
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        common::scale_by_sigma(sample, common::value_at(&self.sigmas, i, "sigma")?)
+        let (_, sigma) = self.schedule.current_sigma(timestep)?;
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(
@@ -254,16 +239,15 @@ impl Scheduler for EulerDiscrete {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        let sigma = common::value_at(&self.sigmas, i, "sigma")?;
-        let sigma_next = common::value_at(&self.sigmas, i + 1, "sigma")?;
-        let dtype = common::compute_dtype(model_output.dtype());
+        let (i, sigma) = self.schedule.current_sigma(timestep)?;
+        let sigma_next = self.schedule.sigma(i + 1)?;
+        let dtype = compute_dtype(model_output.dtype());
         let (mo, x) = (model_output.to_dtype(dtype)?, sample.to_dtype(dtype)?);
-        let x0 = common::predict_original(self.config.prediction_type, &mo, &x, sigma)?;
+        let x0 = denoised(self.config.prediction_type, &mo, &x, sigma)?;
         // Euler step along the ODE derivative (x - x0) / sigma (no churn: sigma_hat = sigma).
         let derivative = x.sub(&x0)?.affine(1.0 / sigma, 0.0)?;
         let prev = x.add(&derivative.affine(sigma_next - sigma, 0.0)?)?;
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(model_output.dtype())?,
             pred_original_sample: Some(x0),
@@ -271,8 +255,7 @@ impl Scheduler for EulerDiscrete {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(&self.timesteps, timestep)?;
-        common::add_sigma_noise(original, noise, common::value_at(&self.sigmas, i, "sigma")?)
+        add_sigma_noise(original, noise, self.schedule.noise_sigma(timestep)?)
     }
 }
 

@@ -5,7 +5,13 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::common::{self, PredictionType, StepCursor, TimestepSpacing};
+use super::arith::compute_dtype;
+use super::noising::add_sigma_noise;
+use super::prediction::{denoised, PredictionType};
+use super::schedule::{betas, f32_round};
+use super::sigmas::{scale_by_sigma, training_sigmas, KSigmaSource, SigmaBounds, SigmaSpacing};
+use super::spacing::TimestepSpacing;
+use super::stepping::{MissingTimestep, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -53,10 +59,8 @@ impl Default for EulerAncestralDiscreteConfig {
 #[derive(Debug, Clone)]
 pub struct EulerAncestralDiscrete {
     config: EulerAncestralDiscreteConfig,
-    train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    cursor: StepCursor,
+    source: KSigmaSource,
+    schedule: SigmaSchedule,
 }
 
 impl EulerAncestralDiscrete {
@@ -80,22 +84,28 @@ impl EulerAncestralDiscrete {
                 "EulerAncestralDiscrete with prediction_type `sample`",
             ));
         }
-        let betas = common::betas(
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let train_sigmas = common::training_sigmas(&betas, config.rescale_betas_zero_snr)?;
-        let (timesteps, sigmas) =
-            common::training_schedule(&train_sigmas, config.num_train_timesteps);
+        let source = KSigmaSource {
+            train_sigmas: training_sigmas(&betas, config.rescale_betas_zero_snr)?,
+            num_train_timesteps: config.num_train_timesteps,
+            timestep_spacing: config.timestep_spacing,
+            steps_offset: config.steps_offset,
+            spacing: SigmaSpacing::Interpolated,
+            bounds: SigmaBounds::default(),
+        };
+        let (timesteps, sigmas) = source.training_schedule();
+        let mut schedule = SigmaSchedule::new(MissingTimestep::Error);
+        schedule.set(timesteps, sigmas);
         Ok(Self {
             config,
-            train_sigmas,
-            timesteps,
-            sigmas,
-            cursor: StepCursor::default(),
+            source,
+            schedule,
         })
     }
 
@@ -116,42 +126,36 @@ fn ancestral_sigmas(sigma_from: f64, sigma_to: f64) -> (f64, f64) {
 
 impl Scheduler for EulerAncestralDiscrete {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let timesteps = common::spaced_timesteps(
-            c.timestep_spacing,
-            c.num_train_timesteps,
-            num_inference_steps,
-            c.steps_offset,
-        )?;
-        self.sigmas = common::interp_sigmas(&timesteps, &self.train_sigmas)
+        let plan = self.source.plan(num_inference_steps)?;
+        let sigmas = plan
+            .sigmas
             .into_iter()
             .chain(std::iter::once(0.0))
-            .map(common::f32_round)
+            .map(f32_round)
             .collect();
-        self.timesteps = timesteps;
-        self.cursor.reset();
+        self.schedule.set(plan.timesteps, sigmas);
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        common::init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.source.init_noise_sigma(self.schedule.sigmas())
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        common::scale_by_sigma(sample, common::value_at(&self.sigmas, i, "sigma")?)
+        let (_, sigma) = self.schedule.current_sigma(timestep)?;
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(
@@ -161,12 +165,11 @@ impl Scheduler for EulerAncestralDiscrete {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        let sigma = common::value_at(&self.sigmas, i, "sigma")?;
-        let sigma_to = common::value_at(&self.sigmas, i + 1, "sigma")?;
-        let dtype = common::compute_dtype(model_output.dtype());
+        let (i, sigma) = self.schedule.current_sigma(timestep)?;
+        let sigma_to = self.schedule.sigma(i + 1)?;
+        let dtype = compute_dtype(model_output.dtype());
         let (mo, x) = (model_output.to_dtype(dtype)?, sample.to_dtype(dtype)?);
-        let x0 = common::predict_original(self.config.prediction_type, &mo, &x, sigma)?;
+        let x0 = denoised(self.config.prediction_type, &mo, &x, sigma)?;
         let (sigma_down, sigma_up) = ancestral_sigmas(sigma, sigma_to);
         let derivative = x.sub(&x0)?.affine(1.0 / sigma, 0.0)?;
         let prev = x.add(&derivative.affine(sigma_down - sigma, 0.0)?)?;
@@ -177,7 +180,7 @@ impl Scheduler for EulerAncestralDiscrete {
             model_output.device(),
         )?;
         let prev = prev.add(&z.to_dtype(dtype)?.affine(sigma_up, 0.0)?)?;
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(model_output.dtype())?,
             pred_original_sample: Some(x0),
@@ -185,8 +188,7 @@ impl Scheduler for EulerAncestralDiscrete {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(&self.timesteps, timestep)?;
-        common::add_sigma_noise(original, noise, common::value_at(&self.sigmas, i, "sigma")?)
+        add_sigma_noise(original, noise, self.schedule.noise_sigma(timestep)?)
     }
 }
 

@@ -8,7 +8,13 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::common::{self, PredictionType, SigmaBounds, SigmaSpacing, StepCursor, TimestepSpacing};
+use super::arith::compute_dtype;
+use super::noising::add_sigma_noise;
+use super::prediction::{clip, denoised, PredictionType};
+use super::schedule::{betas, exp_betas, f32_round};
+use super::sigmas::{scale_by_sigma, training_sigmas, KSigmaSource, SigmaBounds, SigmaFlags};
+use super::spacing::TimestepSpacing;
+use super::stepping::{repeat_after_first, MissingTimestep, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::Result;
 
@@ -83,24 +89,9 @@ struct FirstOrder {
 #[derive(Debug, Clone)]
 pub struct HeunDiscrete {
     config: HeunDiscreteConfig,
-    spacing: SigmaSpacing,
-    train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    cursor: StepCursor,
+    source: KSigmaSource,
+    schedule: SigmaSchedule,
     first_order: Option<FirstOrder>,
-}
-
-/// The `exp` schedule of diffusers' `betas_for_alpha_bar`: `ᾱ(t) = e^{-12 t}`, i.e. a constant
-/// beta of `1 - e^{-12/T}` (capped at 0.999), in float32.
-fn exp_betas(num_train_timesteps: usize) -> Vec<f64> {
-    let n = num_train_timesteps as f64;
-    (0..num_train_timesteps)
-        .map(|i| {
-            let (t1, t2) = (i as f64 / n, (i + 1) as f64 / n);
-            common::f32_round((1.0 - (-12.0 * t2).exp() / (-12.0 * t1).exp()).min(0.999))
-        })
-        .collect()
 }
 
 impl HeunDiscrete {
@@ -120,14 +111,15 @@ impl HeunDiscrete {
     /// # Errors
     /// As [`HeunDiscrete::from_config`].
     pub fn new(config: HeunDiscreteConfig) -> Result<Self> {
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas.unwrap_or(false),
-            config.use_exponential_sigmas.unwrap_or(false),
-            config.use_beta_sigmas.unwrap_or(false),
-        )?;
+        let spacing = SigmaFlags::from_options(
+            config.use_karras_sigmas,
+            config.use_exponential_sigmas,
+            config.use_beta_sigmas,
+        )
+        .spacing()?;
         let betas = match (&config.trained_betas, config.beta_schedule.as_str()) {
             (None, "exp") => exp_betas(config.num_train_timesteps),
-            (trained, schedule) => common::betas(
+            (trained, schedule) => betas(
                 schedule,
                 config.beta_start,
                 config.beta_end,
@@ -135,15 +127,22 @@ impl HeunDiscrete {
                 trained.as_deref(),
             )?,
         };
-        let train_sigmas = common::training_sigmas(&betas, false)?;
-        let mut this = Self {
+        let source = KSigmaSource {
+            train_sigmas: training_sigmas(&betas, false)?,
+            num_train_timesteps: config.num_train_timesteps,
+            timestep_spacing: config.timestep_spacing,
+            steps_offset: config.steps_offset,
             spacing,
-            train_sigmas,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            cursor: StepCursor::default(),
-            first_order: None,
+            bounds: SigmaBounds {
+                min: config.sigma_min,
+                max: config.sigma_max,
+            },
+        };
+        let mut this = Self {
             config,
+            source,
+            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            first_order: None,
         };
         // diffusers' constructor runs `set_timesteps(num_train_timesteps)`.
         this.set_timesteps(this.config.num_train_timesteps)?;
@@ -154,57 +153,39 @@ impl HeunDiscrete {
     pub fn config(&self) -> &HeunDiscreteConfig {
         &self.config
     }
+
+    /// x₀ at `sigma`, clamped when `clip_sample` is set.
+    fn denoised(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+        let c = &self.config;
+        let x0 = denoised(c.prediction_type, model_output, sample, sigma)?;
+        clip(x0, c.clip_sample.unwrap_or(false), c.clip_sample_range)
+    }
 }
 
 impl Scheduler for HeunDiscrete {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let spaced = common::spaced_timesteps(
-            c.timestep_spacing,
-            c.num_train_timesteps,
-            num_inference_steps,
-            c.steps_offset,
-        )?;
-        let bounds = SigmaBounds {
-            min: c.sigma_min,
-            max: c.sigma_max,
-        };
-        let plan = common::sigma_plan(
-            &self.train_sigmas,
-            spaced,
-            self.spacing,
-            num_inference_steps,
-            bounds,
-        );
+        let plan = self.source.plan(num_inference_steps)?;
         // [σ0, σ1, σ1, …, σn-1, σn-1, 0]; the timesteps stay float64 when remapped from sigmas.
-        let sigmas: Vec<f64> = plan.sigmas.iter().map(|&s| common::f32_round(s)).collect();
-        self.sigmas = sigmas
-            .iter()
-            .enumerate()
-            .flat_map(|(k, &s)| std::iter::repeat_n(s, if k == 0 { 1 } else { 2 }))
+        let sigmas: Vec<f64> = plan.sigmas.iter().map(|&s| f32_round(s)).collect();
+        let sigmas = repeat_after_first(&sigmas)
             .chain(std::iter::once(0.0))
             .collect();
-        self.timesteps = plan
-            .timesteps
-            .iter()
-            .enumerate()
-            .flat_map(|(k, &t)| std::iter::repeat_n(t, if k == 0 { 1 } else { 2 }))
-            .collect();
+        let timesteps = repeat_after_first(&plan.timesteps).collect();
+        self.schedule.set(timesteps, sigmas);
         self.first_order = None;
-        self.cursor.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        common::init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.source.init_noise_sigma(self.schedule.sigmas())
     }
 
     fn order(&self) -> usize {
@@ -212,12 +193,12 @@ impl Scheduler for HeunDiscrete {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        common::scale_by_sigma(sample, common::value_at(&self.sigmas, i, "sigma")?)
+        let (_, sigma) = self.schedule.current_sigma(timestep)?;
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(
@@ -227,35 +208,29 @@ impl Scheduler for HeunDiscrete {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        let dtype = common::compute_dtype(model_output.dtype());
+        let (i, sigma) = self.schedule.current_sigma(timestep)?;
+        let dtype = compute_dtype(model_output.dtype());
         let (mo, x) = (model_output.to_dtype(dtype)?, sample.to_dtype(dtype)?);
-        let (prev, x0) = match self.first_order.take() {
+        let x0 = self.denoised(&mo, &x, sigma)?;
+        let derivative = x.sub(&x0)?.affine(1.0 / sigma, 0.0)?;
+        let prev = match self.first_order.take() {
             None => {
-                let sigma = common::value_at(&self.sigmas, i, "sigma")?;
-                let sigma_next = common::value_at(&self.sigmas, i + 1, "sigma")?;
-                let x0 = self.denoised(&mo, &x, sigma)?;
-                let derivative = x.sub(&x0)?.affine(1.0 / sigma, 0.0)?;
-                let dt = sigma_next - sigma;
+                let dt = self.schedule.sigma(i + 1)? - sigma;
                 let prev = x.add(&derivative.affine(dt, 0.0)?)?;
                 self.first_order = Some(FirstOrder {
                     derivative,
                     dt,
                     sample: x,
                 });
-                (prev, x0)
+                prev
             }
             Some(first) => {
-                // The first half ended at sigmas[i]: re-evaluate there and average the slopes.
-                let sigma_next = common::value_at(&self.sigmas, i, "sigma")?;
-                let x0 = self.denoised(&mo, &x, sigma_next)?;
-                let derivative = x.sub(&x0)?.affine(1.0 / sigma_next, 0.0)?;
+                // The first half ended at sigmas[i]: average its slope with the one there.
                 let averaged = first.derivative.add(&derivative)?.affine(0.5, 0.0)?;
-                let prev = first.sample.add(&averaged.affine(first.dt, 0.0)?)?;
-                (prev, x0)
+                first.sample.add(&averaged.affine(first.dt, 0.0)?)?
             }
         };
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(model_output.dtype())?,
             pred_original_sample: Some(x0),
@@ -263,22 +238,7 @@ impl Scheduler for HeunDiscrete {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(&self.timesteps, timestep)?;
-        common::add_sigma_noise(original, noise, common::value_at(&self.sigmas, i, "sigma")?)
-    }
-}
-
-impl HeunDiscrete {
-    /// x₀ at `sigma`, clamped when `clip_sample` is set.
-    fn denoised(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
-        let x0 =
-            common::predict_original(self.config.prediction_type, model_output, sample, sigma)?;
-        if self.config.clip_sample.unwrap_or(false) {
-            let r = self.config.clip_sample_range;
-            Ok(x0.clamp(-r, r)?)
-        } else {
-            Ok(x0)
-        }
+        add_sigma_noise(original, noise, self.schedule.noise_sigma(timestep)?)
     }
 }
 
@@ -296,13 +256,5 @@ mod tests {
         assert_eq!(t.get(1), t.get(2));
         assert_eq!(s.sigmas().map(<[f64]>::len), Some(6));
         assert_eq!(s.sigmas().and_then(|v| v.last().copied()), Some(0.0));
-    }
-
-    #[test]
-    fn exp_schedule_is_constant() {
-        let b = exp_betas(10);
-        let first = b.first().copied().unwrap();
-        assert!(b.iter().all(|&x| (x - first).abs() < 1e-7));
-        assert!((first - (1.0 - (-1.2f64).exp())).abs() < 1e-6);
     }
 }

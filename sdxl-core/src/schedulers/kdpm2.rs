@@ -8,7 +8,16 @@
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::common::{self, PredictionType, SigmaBounds, SigmaSpacing, StepCursor, TimestepSpacing};
+use super::arith::compute_dtype;
+use super::noising::add_sigma_noise;
+use super::prediction::{denoised, PredictionType};
+use super::schedule::{betas, f32_round};
+use super::sigmas::{
+    log_sigmas, scale_by_sigma, sigma_to_t_f32, training_sigmas, KSigmaSource, SigmaBounds,
+    SigmaFlags, SigmaSpacing,
+};
+use super::spacing::TimestepSpacing;
+use super::stepping::{repeat_after_first, value_at, MissingTimestep, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -69,12 +78,9 @@ impl Default for KDpm2DiscreteConfig {
 #[derive(Debug, Clone)]
 pub struct KDpm2Discrete {
     config: KDpm2DiscreteConfig,
-    spacing: SigmaSpacing,
-    train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
+    source: KSigmaSource,
+    schedule: SigmaSchedule,
     sigmas_interpol: Vec<f64>,
-    cursor: StepCursor,
     /// The sample before the first half step; `Some` while in the second half.
     first_sample: Option<Tensor>,
 }
@@ -86,33 +92,10 @@ fn log_midpoint(sigma: f64, sigma_prev: f64) -> f64 {
     (b - (b - a) * 0.5).exp() as f64
 }
 
-/// `_sigma_to_t` as diffusers evaluates it for the midpoint sigmas: float32 torch arithmetic.
-fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f64]) -> f64 {
-    if log_sigmas.len() < 2 {
-        return 0.0;
-    }
-    let log_sigma = (sigma as f32).max(1e-10).ln();
-    let low_idx = log_sigmas
-        .iter()
-        .rposition(|&l| log_sigma - l as f32 >= 0.0)
-        .unwrap_or(0)
-        .min(log_sigmas.len() - 2);
-    let (low, high) = match (log_sigmas.get(low_idx), log_sigmas.get(low_idx + 1)) {
-        (Some(&l), Some(&h)) => (l as f32, h as f32),
-        _ => return 0.0,
-    };
-    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
-    ((1.0 - w) * low_idx as f32 + w * (low_idx + 1) as f32) as f64
-}
-
 /// `[v0, v1, v1, …, vn, vn, vn]`: diffusers' `cat([v[:1], v[1:].repeat_interleave(2), v[-1:]])`.
 fn interleave_twice(values: &[f64]) -> Vec<f64> {
-    let tail = values.last().copied();
-    values
-        .iter()
-        .enumerate()
-        .flat_map(|(k, &v)| std::iter::repeat_n(v, if k == 0 { 1 } else { 2 }))
-        .chain(tail)
+    repeat_after_first(values)
+        .chain(values.last().copied())
         .collect()
 }
 
@@ -138,28 +121,36 @@ impl KDpm2Discrete {
                 "KDpm2Discrete with prediction_type `sample`",
             ));
         }
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas.unwrap_or(false),
-            config.use_exponential_sigmas.unwrap_or(false),
-            config.use_beta_sigmas.unwrap_or(false),
-        )?;
-        let betas = common::betas(
+        let spacing = SigmaFlags::from_options(
+            config.use_karras_sigmas,
+            config.use_exponential_sigmas,
+            config.use_beta_sigmas,
+        )
+        .spacing()?;
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let train_sigmas = common::training_sigmas(&betas, false)?;
-        let mut this = Self {
+        let source = KSigmaSource {
+            train_sigmas: training_sigmas(&betas, false)?,
+            num_train_timesteps: config.num_train_timesteps,
+            timestep_spacing: config.timestep_spacing,
+            steps_offset: config.steps_offset,
             spacing,
-            train_sigmas,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            sigmas_interpol: Vec::new(),
-            cursor: StepCursor::default(),
-            first_sample: None,
+            bounds: SigmaBounds {
+                min: config.sigma_min,
+                max: config.sigma_max,
+            },
+        };
+        let mut this = Self {
             config,
+            source,
+            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            sigmas_interpol: Vec::new(),
+            first_sample: None,
         };
         // diffusers' constructor runs `set_timesteps(num_train_timesteps)`.
         this.set_timesteps(this.config.num_train_timesteps)?;
@@ -170,40 +161,29 @@ impl KDpm2Discrete {
     pub fn config(&self) -> &KDpm2DiscreteConfig {
         &self.config
     }
+
+    fn midpoint_sigma(&self, i: usize) -> Result<f64> {
+        value_at(&self.sigmas_interpol, i, "midpoint sigma")
+    }
 }
 
 impl Scheduler for KDpm2Discrete {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let spaced = common::spaced_timesteps(
-            c.timestep_spacing,
-            c.num_train_timesteps,
-            num_inference_steps,
-            c.steps_offset,
-        )?;
-        let bounds = SigmaBounds {
-            min: c.sigma_min,
-            max: c.sigma_max,
-        };
-        let plan = common::sigma_plan(
-            &self.train_sigmas,
-            spaced,
-            self.spacing,
-            num_inference_steps,
-            bounds,
-        );
+        let plan = self.source.plan(num_inference_steps)?;
         // Karras timesteps are rounded (and stay float64), exponential ones stay fractional
         // float64, interpolated ones are the float32 spaced timesteps.
-        let main: Vec<f64> = match self.spacing {
+        let main: Vec<f64> = match self.source.spacing {
             SigmaSpacing::Karras => plan.timesteps.iter().map(|t| t.round_ties_even()).collect(),
-            SigmaSpacing::Exponential | SigmaSpacing::Interpolated => plan.timesteps,
+            SigmaSpacing::Exponential | SigmaSpacing::Interpolated | SigmaSpacing::LuLambdas => {
+                plan.timesteps
+            }
         };
         let sigmas: Vec<f64> = plan
             .sigmas
             .iter()
             .copied()
             .chain(std::iter::once(0.0))
-            .map(common::f32_round)
+            .map(f32_round)
             .collect();
         // Midpoints between σ_k and σ_{k-1}; entry 0 pairs σ_0 with the final 0 (torch's `roll`)
         // and is never used.
@@ -220,32 +200,31 @@ impl Scheduler for KDpm2Discrete {
                 log_midpoint(s, prev)
             })
             .collect();
-        let logs = common::log_sigmas(&self.train_sigmas);
+        let logs = log_sigmas(&self.source.train_sigmas);
         // [t0, mid1, t1, mid2, t2, …, mid_{n-1}, t_{n-1}]
         let mids = interpol.iter().skip(1).map(|&s| sigma_to_t_f32(s, &logs));
-        self.timesteps = main
+        let timesteps = main
             .first()
             .copied()
             .into_iter()
             .chain(mids.zip(main.iter().skip(1)).flat_map(|(mid, &t)| [mid, t]))
             .collect();
-        self.sigmas = interleave_twice(&sigmas);
+        self.schedule.set(timesteps, interleave_twice(&sigmas));
         self.sigmas_interpol = interleave_twice(&interpol);
         self.first_sample = None;
-        self.cursor.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        common::init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.source.init_noise_sigma(self.schedule.sigmas())
     }
 
     fn order(&self) -> usize {
@@ -253,17 +232,17 @@ impl Scheduler for KDpm2Discrete {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
+        let i = self.schedule.step_index(timestep)?;
         let sigma = if self.first_sample.is_none() {
-            common::value_at(&self.sigmas, i, "sigma")?
+            self.schedule.sigma(i)?
         } else {
-            common::value_at(&self.sigmas_interpol, i, "midpoint sigma")?
+            self.midpoint_sigma(i)?
         };
-        common::scale_by_sigma(sample, sigma)
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(
@@ -273,16 +252,16 @@ impl Scheduler for KDpm2Discrete {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        let dtype = common::compute_dtype(model_output.dtype());
+        let i = self.schedule.step_index(timestep)?;
+        let dtype = compute_dtype(model_output.dtype());
         let (mo, x) = (model_output.to_dtype(dtype)?, sample.to_dtype(dtype)?);
         let prediction = self.config.prediction_type;
         let (prev, x0) = match self.first_sample.take() {
             None => {
                 // Euler half step from σ_i down to the midpoint.
-                let sigma = common::value_at(&self.sigmas, i, "sigma")?;
-                let sigma_mid = common::value_at(&self.sigmas_interpol, i + 1, "midpoint sigma")?;
-                let x0 = common::predict_original(prediction, &mo, &x, sigma)?;
+                let sigma = self.schedule.sigma(i)?;
+                let sigma_mid = self.midpoint_sigma(i + 1)?;
+                let x0 = denoised(prediction, &mo, &x, sigma)?;
                 let derivative = x.sub(&x0)?.affine(1.0 / sigma, 0.0)?;
                 let prev = x.add(&derivative.affine(sigma_mid - sigma, 0.0)?)?;
                 self.first_sample = Some(x);
@@ -293,16 +272,16 @@ impl Scheduler for KDpm2Discrete {
                 let prev_index = i.checked_sub(1).ok_or_else(|| {
                     Error::invalid("KDPM2's second half cannot run at step index 0")
                 })?;
-                let sigma = common::value_at(&self.sigmas, prev_index, "sigma")?;
-                let sigma_mid = common::value_at(&self.sigmas_interpol, i, "midpoint sigma")?;
-                let sigma_next = common::value_at(&self.sigmas, i, "sigma")?;
-                let x0 = common::predict_original(prediction, &mo, &x, sigma_mid)?;
+                let sigma = self.schedule.sigma(prev_index)?;
+                let sigma_mid = self.midpoint_sigma(i)?;
+                let sigma_next = self.schedule.sigma(i)?;
+                let x0 = denoised(prediction, &mo, &x, sigma_mid)?;
                 let derivative = x.sub(&x0)?.affine(1.0 / sigma_mid, 0.0)?;
                 let prev = first.add(&derivative.affine(sigma_next - sigma, 0.0)?)?;
                 (prev, x0)
             }
         };
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(model_output.dtype())?,
             pred_original_sample: Some(x0),
@@ -310,8 +289,7 @@ impl Scheduler for KDpm2Discrete {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(&self.timesteps, timestep)?;
-        common::add_sigma_noise(original, noise, common::value_at(&self.sigmas, i, "sigma")?)
+        add_sigma_noise(original, noise, self.schedule.noise_sigma(timestep)?)
     }
 }
 

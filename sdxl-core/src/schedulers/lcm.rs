@@ -5,12 +5,12 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::common;
-use super::ddim::{
-    add_noise_alpha, alpha_at, clip, lincomb, not_set, predict_x0, reject_thresholding,
-    timestep_index, train_alphas_cumprod, upcast, PredictionType, TimestepSpacing,
-};
-use super::dpm_solver::StepCursor;
+use super::arith::{lincomb, upcast};
+use super::noising::Vp;
+use super::prediction::{clip, data_prediction, reject_thresholding, PredictionType};
+use super::schedule::{betas, f32_round, AlphaSchedule};
+use super::spacing::TimestepSpacing;
+use super::stepping::{not_set, MissingTimestep, StepCursor};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -88,8 +88,7 @@ impl Default for LcmConfig {
 #[derive(Debug, Clone)]
 pub struct Lcm {
     config: LcmConfig,
-    alphas_cumprod: Vec<f64>,
-    final_alpha_cumprod: f64,
+    alphas: AlphaSchedule,
     timesteps: Vec<f64>,
     cursor: StepCursor,
 }
@@ -110,25 +109,23 @@ impl Lcm {
     /// [`Error::InvalidArgument`] for zero training timesteps.
     pub fn new(config: LcmConfig) -> Result<Self> {
         reject_thresholding(config.thresholding)?;
-        let betas = common::betas(
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let alphas_cumprod = train_alphas_cumprod(&betas, config.rescale_betas_zero_snr)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alpha_at(&alphas_cumprod, 0)?
-        };
+        let alphas = AlphaSchedule::new(
+            &betas,
+            config.rescale_betas_zero_snr,
+            config.set_alpha_to_one,
+        )?;
         Ok(Self {
             config,
-            alphas_cumprod,
-            final_alpha_cumprod,
+            alphas,
             timesteps: Vec::new(),
-            cursor: StepCursor::default(),
+            cursor: StepCursor::new(MissingTimestep::Error),
         })
     }
 
@@ -139,7 +136,7 @@ impl Lcm {
 
     /// The boundary-condition scalings `(c_skip, c_out)` at `timestep`.
     fn scalings(&self, timestep: f64) -> (f64, f64) {
-        let scaled = common::f32_round(timestep * self.config.timestep_scaling);
+        let scaled = f32_round(timestep * self.config.timestep_scaling);
         let denom = scaled * scaled + SIGMA_DATA * SIGMA_DATA;
         (SIGMA_DATA * SIGMA_DATA / denom, scaled / denom.sqrt())
     }
@@ -180,7 +177,7 @@ impl Scheduler for Lcm {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin_index(begin_index);
+        self.cursor.set_begin(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
@@ -197,20 +194,21 @@ impl Scheduler for Lcm {
         if self.timesteps.is_empty() {
             return Err(not_set());
         }
-        let index = self.cursor.index(&self.timesteps, timestep);
+        let index = self.cursor.current(&self.timesteps, timestep)?;
         let prev_timestep = self.timesteps.get(index + 1).copied().unwrap_or(timestep);
-        let a_t = alpha_at(&self.alphas_cumprod, timestep_index(timestep)?)?;
-        let a_prev = if prev_timestep >= 0.0 {
-            alpha_at(&self.alphas_cumprod, timestep_index(prev_timestep)?)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let a_t = self.alphas.alpha(timestep)?;
+        let a_prev = self.alphas.alpha_prev(prev_timestep)?;
         let (c_skip, c_out) = self.scalings(timestep);
 
         let out_dtype = model_output.dtype();
         let mo = upcast(model_output)?;
         let x = upcast(sample)?;
-        let x0 = predict_x0(self.config.prediction_type, &mo, &x, a_t)?;
+        let x0 = data_prediction(
+            self.config.prediction_type,
+            &mo,
+            &x,
+            Vp::from_alpha_cumprod(a_t),
+        )?;
         let x0 = clip(x0, self.config.clip_sample, self.config.clip_sample_range)?;
         let denoised = lincomb(&[(c_out, &x0), (c_skip, &x)])?;
 
@@ -231,7 +229,7 @@ impl Scheduler for Lcm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        add_noise_alpha(&self.alphas_cumprod, original, noise, timestep)
+        self.alphas.add_noise(original, noise, timestep)
     }
 }
 

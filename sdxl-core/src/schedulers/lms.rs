@@ -10,7 +10,15 @@ use std::collections::VecDeque;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use super::common::{self, PredictionType, SigmaBounds, SigmaSpacing, StepCursor, TimestepSpacing};
+use super::arith::compute_dtype;
+use super::noising::add_sigma_noise;
+use super::prediction::{denoised, PredictionType};
+use super::schedule::{betas, f32_round};
+use super::sigmas::{
+    scale_by_sigma, training_sigmas, KSigmaSource, SigmaBounds, SigmaFlags, SigmaSpacing,
+};
+use super::spacing::TimestepSpacing;
+use super::stepping::{value_at, MissingTimestep, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -82,11 +90,8 @@ impl Default for LmsDiscreteConfig {
 #[derive(Debug, Clone)]
 pub struct LmsDiscrete {
     config: LmsDiscreteConfig,
-    spacing: SigmaSpacing,
-    train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    cursor: StepCursor,
+    source: KSigmaSource,
+    schedule: SigmaSchedule,
     /// The most recent derivatives, oldest first (at most [`MAX_ORDER`]).
     derivatives: VecDeque<Tensor>,
 }
@@ -112,7 +117,7 @@ pub fn lms_coefficient(sigmas: &[f64], order: usize, t: usize, current: usize) -
         let index = t.checked_sub(k).ok_or_else(|| {
             Error::invalid(format!("LMS order {order} needs σ_(t-{k}) at t = {t}"))
         })?;
-        common::value_at(sigmas, index, "sigma")
+        value_at(sigmas, index, "sigma")
     };
     let nodes = (0..order).map(at).collect::<Result<Vec<f64>>>()?;
     let own = at(current)?;
@@ -126,8 +131,8 @@ pub fn lms_coefficient(sigmas: &[f64], order: usize, t: usize, current: usize) -
     };
     Ok(integrate(
         basis,
-        common::value_at(sigmas, t, "sigma")?,
-        common::value_at(sigmas, t + 1, "sigma")?,
+        value_at(sigmas, t, "sigma")?,
+        value_at(sigmas, t + 1, "sigma")?,
     ))
 }
 
@@ -147,27 +152,42 @@ impl LmsDiscrete {
     /// # Errors
     /// As [`LmsDiscrete::from_config`].
     pub fn new(config: LmsDiscreteConfig) -> Result<Self> {
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas.unwrap_or(false),
-            config.use_exponential_sigmas.unwrap_or(false),
-            config.use_beta_sigmas.unwrap_or(false),
-        )?;
-        let betas = common::betas(
+        let spacing = SigmaFlags::from_options(
+            config.use_karras_sigmas,
+            config.use_exponential_sigmas,
+            config.use_beta_sigmas,
+        )
+        .spacing()?;
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let train_sigmas = common::training_sigmas(&betas, false)?;
-        let mut this = Self {
+        // diffusers' LMS Karras sigmas always span the interpolated schedule.
+        let bounds = match spacing {
+            SigmaSpacing::Exponential => SigmaBounds {
+                min: config.sigma_min,
+                max: config.sigma_max,
+            },
+            SigmaSpacing::Karras | SigmaSpacing::Interpolated | SigmaSpacing::LuLambdas => {
+                SigmaBounds::default()
+            }
+        };
+        let source = KSigmaSource {
+            train_sigmas: training_sigmas(&betas, false)?,
+            num_train_timesteps: config.num_train_timesteps,
+            timestep_spacing: config.timestep_spacing,
+            steps_offset: config.steps_offset,
             spacing,
-            train_sigmas,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            cursor: StepCursor::default(),
-            derivatives: VecDeque::new(),
+            bounds,
+        };
+        let mut this = Self {
             config,
+            source,
+            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            derivatives: VecDeque::new(),
         };
         // diffusers' constructor runs `set_timesteps(num_train_timesteps)`.
         this.set_timesteps(this.config.num_train_timesteps)?;
@@ -182,60 +202,38 @@ impl LmsDiscrete {
 
 impl Scheduler for LmsDiscrete {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let c = &self.config;
-        let spaced = common::spaced_timesteps(
-            c.timestep_spacing,
-            c.num_train_timesteps,
-            num_inference_steps,
-            c.steps_offset,
-        )?;
-        // diffusers' LMS Karras sigmas always span the interpolated schedule.
-        let bounds = match self.spacing {
-            SigmaSpacing::Exponential => SigmaBounds {
-                min: c.sigma_min,
-                max: c.sigma_max,
-            },
-            SigmaSpacing::Karras | SigmaSpacing::Interpolated => SigmaBounds::default(),
-        };
-        let plan = common::sigma_plan(
-            &self.train_sigmas,
-            spaced,
-            self.spacing,
-            num_inference_steps,
-            bounds,
-        );
-        self.sigmas = plan
+        let plan = self.source.plan(num_inference_steps)?;
+        let sigmas = plan
             .sigmas
-            .iter()
-            .copied()
+            .into_iter()
             .chain(std::iter::once(0.0))
-            .map(common::f32_round)
+            .map(f32_round)
             .collect();
-        self.timesteps = plan.timesteps.into_iter().map(common::f32_round).collect();
+        let timesteps = plan.timesteps.into_iter().map(f32_round).collect();
+        self.schedule.set(timesteps, sigmas);
         self.derivatives.clear();
-        self.cursor.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        common::init_noise_sigma(&self.sigmas, self.config.timestep_spacing)
+        self.source.init_noise_sigma(self.schedule.sigmas())
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        common::scale_by_sigma(sample, common::value_at(&self.sigmas, i, "sigma")?)
+        let (_, sigma) = self.schedule.current_sigma(timestep)?;
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(
@@ -245,11 +243,10 @@ impl Scheduler for LmsDiscrete {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let i = self.cursor.current(&self.timesteps, timestep)?;
-        let sigma = common::value_at(&self.sigmas, i, "sigma")?;
-        let dtype = common::compute_dtype(model_output.dtype());
+        let (i, sigma) = self.schedule.current_sigma(timestep)?;
+        let dtype = compute_dtype(model_output.dtype());
         let (mo, x) = (model_output.to_dtype(dtype)?, sample.to_dtype(dtype)?);
-        let x0 = common::predict_original(self.config.prediction_type, &mo, &x, sigma)?;
+        let x0 = denoised(self.config.prediction_type, &mo, &x, sigma)?;
         self.derivatives
             .push_back(x.sub(&x0)?.affine(1.0 / sigma, 0.0)?);
         if self.derivatives.len() > MAX_ORDER {
@@ -260,10 +257,10 @@ impl Scheduler for LmsDiscrete {
         let order = (i + 1).min(MAX_ORDER);
         let mut prev = x;
         for (current, derivative) in (0..order).zip(self.derivatives.iter().rev()) {
-            let coeff = lms_coefficient(&self.sigmas, order, i, current)?;
+            let coeff = lms_coefficient(self.schedule.sigmas(), order, i, current)?;
             prev = prev.add(&derivative.affine(coeff, 0.0)?)?;
         }
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(model_output.dtype())?,
             pred_original_sample: Some(x0),
@@ -271,8 +268,7 @@ impl Scheduler for LmsDiscrete {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let i = self.cursor.noise_index(&self.timesteps, timestep)?;
-        common::add_sigma_noise(original, noise, common::value_at(&self.sigmas, i, "sigma")?)
+        add_sigma_noise(original, noise, self.schedule.noise_sigma(timestep)?)
     }
 }
 

@@ -4,6 +4,13 @@
 //! ([`SchedulerConfig`]), whose `_class_name` picks the family, and can be swapped for another
 //! family with overrides, like diffusers' `Cls.from_config(config, **overrides)`: each family
 //! reads the keys it knows, with diffusers' defaults, and ignores the rest.
+//!
+//! The families share one implementation of each common piece, in small private modules:
+//! `schedule` (betas, ᾱ, training σ), `spacing` (`timestep_spacing`, numpy-exact), `sigmas`
+//! (σ schedules: interpolation, Karras/exponential/Lu respacing, σ → t), `prediction`
+//! (`prediction_type` conversions to x₀ and ε), `noising` (the forward process and
+//! `add_noise`), `stepping` (step index, timestep lookup, multistep history) and `arith`
+//! (compute dtype, linear combinations). The config enums they define are re-exported here.
 
 use std::path::Path;
 
@@ -140,7 +147,7 @@ impl SchedulerConfig {
     }
 }
 
-pub mod common;
+mod arith;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
@@ -151,6 +158,17 @@ pub mod kdpm2;
 pub mod kind;
 pub mod lcm;
 pub mod lms;
+mod noising;
+mod prediction;
+mod schedule;
+mod sigmas;
+mod spacing;
+mod stepping;
+#[cfg(test)]
+mod testing;
 pub mod unipc;
 
 pub use kind::SchedulerKind;
+pub use prediction::PredictionType;
+pub use sigmas::FinalSigmasType;
+pub use spacing::TimestepSpacing;

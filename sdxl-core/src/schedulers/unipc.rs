@@ -5,15 +5,13 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::common;
-use super::ddim::{
-    check_step_count, lincomb, not_set, reject_thresholding, train_alphas_cumprod, upcast,
-    PredictionType, TimestepSpacing,
-};
-use super::dpm_solver::{
-    add_noise_sigma, alpha_sigma, history_at, lambda, multistep_timesteps, push_history, sigma_at,
-    spaced_sigmas, vp_sigmas, FinalSigma, SigmaSpacing, StepCursor,
-};
+use super::arith::{lincomb, upcast};
+use super::noising::Vp;
+use super::prediction::{data_prediction, noise_prediction, reject_thresholding, PredictionType};
+use super::schedule::{betas, f32_round, train_alphas_cumprod, vp_sigmas, TerminalAlpha};
+use super::sigmas::{multistep_plan, FinalSigmasType, SigmaBounds, SigmaFlags, SigmaSpacing};
+use super::spacing::{multistep_timesteps, TimestepSpacing};
+use super::stepping::{not_set, MissingTimestep, ModelHistory, SigmaSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -64,8 +62,8 @@ pub struct UniPcConfig {
     pub timestep_spacing: TimestepSpacing,
     /// Offset added to `leading` timesteps.
     pub steps_offset: usize,
-    /// Final sigma: `zero` or `sigma_min`.
-    pub final_sigmas_type: String,
+    /// The σ the last step lands on.
+    pub final_sigmas_type: FinalSigmasType,
     /// Rescale betas to zero terminal SNR.
     pub rescale_betas_zero_snr: bool,
     /// Dynamic shifting (flow models); not supported here.
@@ -104,7 +102,7 @@ impl Default for UniPcConfig {
             flow_shift: 1.0,
             timestep_spacing: TimestepSpacing::Linspace,
             steps_offset: 0,
-            final_sigmas_type: "zero".to_string(),
+            final_sigmas_type: FinalSigmasType::Zero,
             rescale_betas_zero_snr: false,
             use_dynamic_shifting: false,
             time_shift_type: "exponential".to_string(),
@@ -146,15 +144,12 @@ pub struct UniPcMultistep {
     config: UniPcConfig,
     bh1: bool,
     spacing: SigmaSpacing,
-    final_sigma: FinalSigma,
     train_sigmas: Vec<f64>,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    model_outputs: Vec<Option<Tensor>>,
+    schedule: SigmaSchedule,
+    model_outputs: ModelHistory,
     lower_order_nums: usize,
     this_order: usize,
     last_sample: Option<Tensor>,
-    cursor: StepCursor,
 }
 
 impl UniPcMultistep {
@@ -191,41 +186,33 @@ impl UniPcMultistep {
                 "use_dynamic_shifting / shift_terminal (flow models)",
             ));
         }
-        let spacing = SigmaSpacing::from_flags(
-            config.use_karras_sigmas,
-            config.use_exponential_sigmas,
-            config.use_beta_sigmas,
-            false,
-            config.use_flow_sigmas,
-        )?;
-        let final_sigma = FinalSigma::parse(&config.final_sigmas_type)?;
-        let betas = common::betas(
+        let spacing = SigmaFlags {
+            karras: config.use_karras_sigmas,
+            exponential: config.use_exponential_sigmas,
+            beta: config.use_beta_sigmas,
+            lu: false,
+            flow: config.use_flow_sigmas,
+        }
+        .spacing()?;
+        let betas = betas(
             &config.beta_schedule,
             config.beta_start,
             config.beta_end,
             config.num_train_timesteps,
             config.trained_betas.as_deref(),
         )?;
-        let mut alphas_cumprod = train_alphas_cumprod(&betas, config.rescale_betas_zero_snr)?;
-        if config.rescale_betas_zero_snr {
-            // Close to 0 without being 0, so the first sigma is finite (fp16's smallest subnormal).
-            if let Some(last) = alphas_cumprod.last_mut() {
-                *last = 2f64.powi(-24);
-            }
-        }
+        let alphas_cumprod =
+            train_alphas_cumprod(&betas, config.rescale_betas_zero_snr, TerminalAlpha::Finite)?;
         Ok(Self {
-            model_outputs: vec![None; config.solver_order],
+            model_outputs: ModelHistory::new(config.solver_order),
             train_sigmas: vp_sigmas(&alphas_cumprod),
             config,
             bh1,
             spacing,
-            final_sigma,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            schedule: SigmaSchedule::new(MissingTimestep::LastStep),
             lower_order_nums: 0,
             this_order: 0,
             last_sample: None,
-            cursor: StepCursor::default(),
         })
     }
 
@@ -236,42 +223,28 @@ impl UniPcMultistep {
 
     /// Converts the model output to what the solver integrates (x₀ or ε) at step sigma `sigma`.
     fn convert(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
-        let (alpha, sigma_t) = alpha_sigma(sigma);
-        match (self.config.predict_x0, self.config.prediction_type) {
-            (true, PredictionType::Epsilon) => {
-                lincomb(&[(1.0 / alpha, sample), (-sigma_t / alpha, model_output)])
-            }
-            (true, PredictionType::Sample) | (false, PredictionType::Epsilon) => {
-                Ok(model_output.clone())
-            }
-            (true, PredictionType::VPrediction) => {
-                lincomb(&[(alpha, sample), (-sigma_t, model_output)])
-            }
-            (false, PredictionType::Sample) => {
-                lincomb(&[(1.0 / sigma_t, sample), (-alpha / sigma_t, model_output)])
-            }
-            (false, PredictionType::VPrediction) => {
-                lincomb(&[(alpha, model_output), (sigma_t, sample)])
-            }
+        let (prediction, vp) = (self.config.prediction_type, Vp::from_sigma(sigma));
+        if self.config.predict_x0 {
+            data_prediction(prediction, model_output, sample, vp)
+        } else {
+            noise_prediction(prediction, model_output, sample, vp)
         }
     }
 
     /// The B(h) system of an update from step `source` to step `target` whose earlier points
     /// are the steps `earlier` (most recent first).
     fn system(&self, source: usize, target: usize, earlier: &[usize]) -> Result<System> {
-        let sigma_t = sigma_at(&self.sigmas, target)?;
-        let sigma_s0 = sigma_at(&self.sigmas, source)?;
-        let (alpha_t, sig_t) = alpha_sigma(sigma_t);
-        let (alpha_s0, sig_s0) = alpha_sigma(sigma_s0);
-        let lambda_s0 = lambda(sigma_s0);
-        let h = lambda(sigma_t) - lambda_s0;
-        let m0 = history_at(&self.model_outputs, 0)?;
+        let target = Vp::from_sigma(self.schedule.sigma(target)?);
+        let source = Vp::from_sigma(self.schedule.sigma(source)?);
+        let lambda_s0 = source.lambda();
+        let h = target.lambda() - lambda_s0;
+        let m0 = self.model_outputs.get(0)?;
 
         let mut rks = Vec::with_capacity(earlier.len() + 1);
         let mut d1s = Vec::with_capacity(earlier.len());
         for (k, &si) in earlier.iter().enumerate() {
-            let mi = history_at(&self.model_outputs, k + 1)?;
-            let rk = (lambda(sigma_at(&self.sigmas, si)?) - lambda_s0) / h;
+            let mi = self.model_outputs.get(k + 1)?;
+            let rk = (Vp::from_sigma(self.schedule.sigma(si)?).lambda() - lambda_s0) / h;
             rks.push(rk);
             d1s.push((mi - m0)?.affine(1.0 / rk, 0.0)?);
         }
@@ -296,10 +269,10 @@ impl UniPcMultistep {
             h_phi_k = h_phi_k / hh - 1.0 / factorial;
         }
         Ok(System {
-            alpha_t,
-            sigma_t: sig_t,
-            alpha_s0,
-            sigma_s0: sig_s0,
+            alpha_t: target.alpha,
+            sigma_t: target.sigma,
+            alpha_s0: source.alpha,
+            sigma_s0: source.sigma,
             h_phi_1,
             b_h,
             d1s,
@@ -310,7 +283,7 @@ impl UniPcMultistep {
 
     /// `x_t_ − c·(Σ ρ_k D1_k + extra)`: the shared tail of UniP and UniC.
     fn combine(&self, sys: &System, x: &Tensor, terms: &[(f64, &Tensor)]) -> Result<Tensor> {
-        let m0 = history_at(&self.model_outputs, 0)?;
+        let m0 = self.model_outputs.get(0)?;
         let (c_x, c_m0, c_res) = if self.config.predict_x0 {
             (
                 sys.sigma_t / sys.sigma_s0,
@@ -363,7 +336,7 @@ impl UniPcMultistep {
         } else {
             solve(sys.r.clone(), sys.b.clone())?
         };
-        let m0 = history_at(&self.model_outputs, 0)?;
+        let m0 = self.model_outputs.get(0)?;
         let d1_t = (model_t - m0)?;
         let (rho_t, rho_rest) = match rhos.split_last() {
             Some((&last, rest)) => (last, rest),
@@ -447,46 +420,55 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
 
 impl Scheduler for UniPcMultistep {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let train = self.config.num_train_timesteps;
-        check_step_count(num_inference_steps, train)?;
+        let c = &self.config;
         let spaced = multistep_timesteps(
-            self.config.timestep_spacing,
-            train,
-            train,
+            c.timestep_spacing,
+            c.num_train_timesteps,
+            c.num_train_timesteps,
             num_inference_steps,
-            self.config.steps_offset,
-        );
-        let (mut sigmas, timesteps) = spaced_sigmas(
-            self.spacing,
+            c.steps_offset,
+        )?;
+        let plan = multistep_plan(
             &self.train_sigmas,
             spaced,
+            self.spacing,
             num_inference_steps,
-            (self.config.sigma_min, self.config.sigma_max),
+            SigmaBounds {
+                min: c.sigma_min,
+                max: c.sigma_max,
+            },
             true,
         );
         let sigma_min = match self.spacing {
-            SigmaSpacing::Timesteps => self.train_sigmas.first().copied(),
-            _ => sigmas.last().copied(),
+            SigmaSpacing::Interpolated => self.train_sigmas.first(),
+            SigmaSpacing::Karras | SigmaSpacing::Exponential | SigmaSpacing::LuLambdas => {
+                plan.sigmas.last()
+            }
         };
-        sigmas.push(match self.final_sigma {
-            FinalSigma::Zero => 0.0,
-            FinalSigma::SigmaMin => sigma_min.unwrap_or(0.0),
-        });
-        self.sigmas = sigmas.into_iter().map(common::f32_round).collect();
-        self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
-        self.model_outputs = vec![None; self.config.solver_order];
+        let last = match c.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => sigma_min.copied().unwrap_or(0.0),
+        };
+        let sigmas = plan
+            .sigmas
+            .iter()
+            .copied()
+            .chain(std::iter::once(last))
+            .map(f32_round)
+            .collect();
+        self.schedule.set(plan.timesteps, sigmas);
+        self.model_outputs = ModelHistory::new(c.solver_order);
         self.lower_order_nums = 0;
         self.last_sample = None;
-        self.cursor.reset();
         Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.schedule.timesteps()
     }
 
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
+        Some(self.schedule.sigmas())
     }
 
     fn init_noise_sigma(&self) -> f64 {
@@ -494,7 +476,7 @@ impl Scheduler for UniPcMultistep {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin_index(begin_index);
+        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
@@ -508,13 +490,13 @@ impl Scheduler for UniPcMultistep {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        if self.timesteps.is_empty() {
+        if self.schedule.timesteps().is_empty() {
             return Err(not_set());
         }
-        let i = self.cursor.index(&self.timesteps, timestep);
+        let (i, sigma) = self.schedule.current_sigma(timestep)?;
         let out_dtype = model_output.dtype();
         let mut x = upcast(sample)?;
-        let converted = self.convert(&upcast(model_output)?, &x, sigma_at(&self.sigmas, i)?)?;
+        let converted = self.convert(&upcast(model_output)?, &x, sigma)?;
 
         let corrector_enabled = i
             .checked_sub(1)
@@ -522,27 +504,22 @@ impl Scheduler for UniPcMultistep {
         if let (true, Some(last)) = (corrector_enabled, self.last_sample.as_ref()) {
             x = self.corrector(&converted, last, i, self.this_order)?;
         }
-        push_history(&mut self.model_outputs, converted.clone());
+        self.model_outputs.push(converted.clone());
 
         let solver_order = self.config.solver_order;
         let this_order = if self.config.lower_order_final {
-            solver_order.min(self.timesteps.len().saturating_sub(i))
+            solver_order.min(self.schedule.timesteps().len().saturating_sub(i))
         } else {
             solver_order
         };
+        // At least 1: the cursor keeps i below the number of timesteps.
         self.this_order = this_order.min(self.lower_order_nums + 1);
-        if self.this_order == 0 {
-            return Err(Error::invalid(format!(
-                "step index {i} is past the end of the {}-step schedule",
-                self.timesteps.len()
-            )));
-        }
         let prev = self.predictor(&x, i, self.this_order)?;
         self.last_sample = Some(x);
         if self.lower_order_nums < solver_order {
             self.lower_order_nums += 1;
         }
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(out_dtype)?,
             pred_original_sample: if self.config.predict_x0 {
@@ -554,14 +531,7 @@ impl Scheduler for UniPcMultistep {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        add_noise_sigma(
-            &self.sigmas,
-            &self.timesteps,
-            &self.cursor,
-            original,
-            noise,
-            timestep,
-        )
+        Vp::from_sigma(self.schedule.noise_sigma(timestep)?).add_noise(original, noise)
     }
 }
 
@@ -585,7 +555,7 @@ mod tests {
                         beta_end: 0.012,
                         ..UniPcConfig::default()
                     })?;
-                    crate::schedulers::dpm_solver::testing::gaussian_ode_error(&mut s, steps)
+                    crate::schedulers::testing::gaussian_ode_error(&mut s, steps)
                 };
                 let (e1, e2, e3) = (err(1, 20)?, err(2, 20)?, err(3, 20)?);
                 let (e1_40, e2_40, e3_40) = (err(1, 40)?, err(2, 40)?, err(3, 40)?);
