@@ -124,10 +124,10 @@ pub fn parse(prompt: &str) -> Vec<Piece> {
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();
     let mut plain = String::new();
-    let mut rest = prompt;
-    while let Some(c) = rest.chars().next() {
-        let after = &rest[c.len_utf8()..];
-        let mut consumed = c.len_utf8();
+    let mut chars = prompt.chars();
+    while let Some(c) = chars.next() {
+        let after = chars.as_str();
+        let mut consumed = 0;
         match c {
             '\\' => {
                 let escaped = after.chars().next().filter(|e| "()[]\\".contains(*e));
@@ -159,7 +159,7 @@ pub fn parse(prompt: &str) -> Vec<Piece> {
             }
             _ => plain.push(c),
         }
-        rest = &rest[consumed..];
+        chars = after.get(consumed..).unwrap_or_default().chars();
     }
     flush_plain(&mut plain, &mut items);
     merge(items)
@@ -393,6 +393,10 @@ mod tests {
         );
         assert_eq!(parse(""), []);
         assert_eq!(parse("time: 5 o'clock"), [text("time: 5 o'clock", 1.0)]);
+        assert_eq!(
+            parse("café (naïve:1.2) 東京\\"),
+            [text("café ", 1.0), text("naïve", 1.2), text(" 東京\\", 1.0)]
+        );
     }
 
     #[test]
