@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::{golden, goldens, manifest, Parity};
+use sdxl_core::pipeline::prompt::LongPrompts;
 use sdxl_core::pipeline::{
     decode_latents, encode_prompt, image_to_image, text_to_image, CancelToken, GenerateParams,
     InitImage, LoadOptions, Prompts, RgbImage, RunControl, SdxlModel, StepObserver, StepTensors,
@@ -37,6 +38,7 @@ fn prompts_from(kw: &Value) -> Prompts {
         prompt_2: opt_str(&kw["prompt_2"]),
         negative_prompt: opt_str(&kw["negative_prompt"]),
         negative_prompt_2: opt_str(&kw["negative_prompt_2"]),
+        ..Prompts::default()
     }
 }
 
@@ -219,7 +221,12 @@ fn encode_prompt_matches_diffusers() {
         } else {
             &base
         };
-        let e = encode_prompt(model, &prompts_from(&case["kwargs"])).expect("encode_prompt");
+        // diffusers truncates prompts longer than one window (our default chunks them).
+        let prompts = Prompts {
+            long_prompts: LongPrompts::Truncate,
+            ..prompts_from(&case["kwargs"])
+        };
+        let e = encode_prompt(model, &prompts).expect("encode_prompt");
         for (key, t) in [
             ("prompt_embeds", &e.prompt_embeds),
             ("negative_prompt_embeds", &e.negative_prompt_embeds),

@@ -142,6 +142,13 @@ pub struct SamplingArgs {
     /// The negative prompt for text encoder 2 (default: --negative-prompt).
     #[arg(long)]
     pub negative_prompt_2: Option<String>,
+    /// Read the prompts as literal text: no `(word:1.3)`/`[word]` weighting, no `BREAK`.
+    #[arg(long)]
+    pub no_prompt_weighting: bool,
+    /// Truncate prompts longer than 75 tokens, as diffusers does, instead of encoding them in
+    /// several 75-token windows.
+    #[arg(long)]
+    pub truncate_long_prompts: bool,
     /// Image width in pixels (multiple of 8). Default: 1024 for a model, 64 for the demo.
     #[arg(long)]
     pub width: Option<usize>,
@@ -291,6 +298,8 @@ mod tests {
             "1024x1024",
             "--dtype",
             "bf16",
+            "--no-prompt-weighting",
+            "--truncate-long-prompts",
         ]);
         assert!(cli.is_ok(), "{cli:?}");
     }

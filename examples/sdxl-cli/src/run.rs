@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
+use sdxl_core::pipeline::prompt::LongPrompts;
 use sdxl_core::pipeline::{
     decode_images, image_to_image, text_to_image, CancelToken, Flow, GenerateParams, InitImage,
     LoadOptions, ModelKind, RunControl, SchedulerChoice, SdxlModel, StepInfo, StepObserver,
@@ -111,6 +112,10 @@ fn params_from(
     p.prompts.prompt_2 = s.prompt_2.clone();
     p.prompts.negative_prompt = s.negative_prompt.clone();
     p.prompts.negative_prompt_2 = s.negative_prompt_2.clone();
+    p.prompts.weighting = !s.no_prompt_weighting;
+    if s.truncate_long_prompts {
+        p.prompts.long_prompts = LongPrompts::Truncate;
+    }
     let (w, h) = match init_size {
         Some((w, h)) => {
             if s.width.is_some_and(|x| x != w) || s.height.is_some_and(|x| x != h) {
