@@ -28,4 +28,4 @@ pub use generate::{
 pub use image::{latent_preview, RgbImage};
 pub use model::{LoadOptions, ModelKind, SdxlModel, TextStack};
 pub use params::{GenerateParams, InitImage, MicroParams, SchedulerChoice};
-pub use prompt::{encode_prompt, PromptEmbeds, Prompts};
+pub use prompt::{encode_prompt, LongPrompts, PromptEmbeds, Prompts};
