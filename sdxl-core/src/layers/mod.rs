@@ -75,6 +75,8 @@ pub fn layer_norm(size: usize, eps: f64, w: &Weights) -> Result<LayerNorm> {
 
 pub mod resnet;
 pub mod sampling;
+pub mod visit;
 
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};
+pub use visit::{LayerMut, LayerVisitor};
