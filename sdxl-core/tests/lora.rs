@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{golden, goldens, index_entries, manifest, Parity};
 use sdxl_core::layers::LayerMut;
 use sdxl_core::lora::{
@@ -114,7 +114,14 @@ fn snapshot(model: &mut SdxlModel) -> HashMap<String, Vec<u32>> {
     layer_weights(model)
         .into_iter()
         .map(|(k, w)| {
-            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // f16/bf16 → f32 is exact, so equal bits here mean equal weights.
+            let v = w
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             (k, v.into_iter().map(f32::to_bits).collect())
         })
         .collect()
@@ -264,6 +271,42 @@ fn fused_weights_match_diffusers_and_removal_is_exact() {
         "kohya and diffusers files merge to different weights"
     );
     p.finish();
+}
+
+#[test]
+fn merging_keeps_half_precision_models_in_their_dtype() {
+    // Tolerances: the weights (< 1) are rounded at load and again after merging, so up to one
+    // ulp of the format (f16 4.9e-4, bf16 3.9e-3 just below 1), with margin.
+    let g = goldens(GOLDENS);
+    let fuse = lora_manifest()["fuse"].clone();
+    let adapter = fuse["adapter"].as_str().expect("fuse adapter");
+    let scale = fuse["lora_scale"].as_f64().expect("lora_scale");
+    let loras = load_adapters("kohya");
+    for (dtype, tol) in [(DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+        let options = LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        };
+        let mut base = SdxlModel::load(&common::base_dir(), &options).expect("base loads");
+        let original = snapshot(&mut base);
+        let applied = base
+            .apply_loras(&[LoraSpec {
+                lora: &loras[adapter],
+                scale,
+            }])
+            .unwrap();
+        let mut p = Parity::with_tolerance(tol);
+        for m in fuse["modules"].as_array().expect("fuse modules") {
+            let c = component(m["component"].as_str().unwrap());
+            let w = weight_of(&mut base, c, m["module"].as_str().unwrap());
+            assert_eq!(w.dtype(), dtype);
+            let name = format!("{}.weight_fused", m["golden"].as_str().unwrap());
+            p.check(&format!("{dtype:?}: {name}"), &w, golden(&g, &name));
+        }
+        p.finish();
+        base.remove_loras(&applied).unwrap();
+        assert_unchanged(&mut base, &original, &format!("{dtype:?}: after removal"));
+    }
 }
 
 /// Records the tensors of every denoising step (the `pipeline_t2i` recorder, reduced).
@@ -580,7 +623,7 @@ fn misshapen_lora_fails_without_partial_state() {
         let bad = edited(&lora, |t| {
             t.insert(
                 up_key.clone(),
-                Tensor::zeros((out + 1, rank), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                Tensor::zeros((out + 1, rank), DType::F32, &Device::Cpu).unwrap(),
             );
         });
         let good = &adapter_with_text_encoders(fmt);
