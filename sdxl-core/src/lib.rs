@@ -13,6 +13,7 @@ pub mod conditioning;
 pub mod error;
 pub mod layers;
 pub mod loading;
+pub mod lora;
 pub mod pipeline;
 pub mod rng;
 pub mod schedulers;

@@ -51,6 +51,36 @@ fn parse_top_left(s: &str) -> Result<Hw, String> {
     parse_pair(s, "TOPxLEFT").map(|(t, l)| Hw(t, l))
 }
 
+/// A LoRA file and the strength it is merged with (`PATH` or `PATH:SCALE`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraArg {
+    /// The `.safetensors` file (kohya or diffusers layout).
+    pub path: PathBuf,
+    /// The strength (1 = as trained).
+    pub scale: f64,
+}
+
+fn parse_lora(s: &str) -> Result<LoraArg, String> {
+    if let Some((path, scale)) = s.rsplit_once(':') {
+        if let Ok(scale) = scale.trim().parse::<f64>() {
+            if path.is_empty() || !scale.is_finite() {
+                return Err(format!("expected PATH or PATH:SCALE, got `{s}`"));
+            }
+            return Ok(LoraArg {
+                path: path.into(),
+                scale,
+            });
+        }
+    }
+    if s.is_empty() {
+        return Err("expected PATH or PATH:SCALE, got an empty value".into());
+    }
+    Ok(LoraArg {
+        path: s.into(),
+        scale: 1.0,
+    })
+}
+
 /// Scheduler names.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SchedulerName {
@@ -247,6 +277,10 @@ pub struct GenerateArgs {
     /// Weights variant, e.g. `fp16` for `*.fp16.safetensors`.
     #[arg(long)]
     pub variant: Option<String>,
+    /// A LoRA merged into the base model (kohya or diffusers `.safetensors`), as PATH or
+    /// PATH:SCALE (scale 1 by default); repeat for several.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<LoraArg>,
     /// Sampling options.
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -275,6 +309,27 @@ mod tests {
     }
 
     #[test]
+    fn lora_takes_an_optional_scale() {
+        let lora = |p: &str, scale| LoraArg {
+            path: p.into(),
+            scale,
+        };
+        assert_eq!(parse_lora("a.safetensors"), Ok(lora("a.safetensors", 1.0)));
+        assert_eq!(
+            parse_lora("a.safetensors:0.7"),
+            Ok(lora("a.safetensors", 0.7))
+        );
+        assert_eq!(
+            parse_lora("dir:x/a.safetensors"),
+            Ok(lora("dir:x/a.safetensors", 1.0))
+        );
+        assert_eq!(parse_lora("a:b:-0.5"), Ok(lora("a:b", -0.5)));
+        assert!(parse_lora(":0.5").is_err());
+        assert!(parse_lora("a:nan").is_err());
+        assert!(parse_lora("").is_err());
+    }
+
+    #[test]
     fn every_flag_parses() {
         let cli = Cli::try_parse_from([
             "sdxl",
@@ -300,6 +355,10 @@ mod tests {
             "bf16",
             "--no-prompt-weighting",
             "--truncate-long-prompts",
+            "--lora",
+            "a.safetensors",
+            "--lora",
+            "b.safetensors:0.4",
         ]);
         assert!(cli.is_ok(), "{cli:?}");
     }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
+use sdxl_core::lora::{LoraSpec, LoraWeights};
 use sdxl_core::pipeline::prompt::LongPrompts;
 use sdxl_core::pipeline::{
     decode_images, image_to_image, text_to_image, CancelToken, Flow, GenerateParams, InitImage,
@@ -12,7 +13,9 @@ use sdxl_core::pipeline::{
 };
 use sdxl_core::schedulers::SchedulerKind;
 
-use crate::args::{Cli, Command, DTypeName, DeviceName, Hw, Prediction, SamplingArgs, Spacing};
+use crate::args::{
+    Cli, Command, DTypeName, DeviceName, Hw, LoraArg, Prediction, SamplingArgs, Spacing,
+};
 use crate::{demo, png_io};
 
 /// Runs one command; the error is printed as one line by `main`.
@@ -22,7 +25,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             let s = &args.sampling;
             let options = load_options(s, args.variant.clone())?;
             let t0 = Instant::now();
-            let base = SdxlModel::load(&args.model, &options).map_err(|e| e.to_string())?;
+            let mut base = SdxlModel::load(&args.model, &options).map_err(|e| e.to_string())?;
             if base.kind == ModelKind::Refiner {
                 return Err(format!(
                     "{} is an SDXL refiner; pass a base model as --model and the refiner as \
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     t0.elapsed().as_secs_f64()
                 );
             }
+            apply_loras(&mut base, &args.loras, s.quiet)?;
             let name = model_name(&args.model);
             generate(&base, refiner.as_ref(), s, (1024, 1024), &name)
         }
@@ -61,6 +65,33 @@ pub fn run(cli: Cli) -> Result<(), String> {
             generate(&base, None, s, (64, 64), "sdxl-demo-random")
         }
     }
+}
+
+/// Merges the `--lora` files into the model (kept merged for the whole run).
+fn apply_loras(model: &mut SdxlModel, loras: &[LoraArg], quiet: bool) -> Result<(), String> {
+    if loras.is_empty() {
+        return Ok(());
+    }
+    let files = loras
+        .iter()
+        .map(|l| LoraWeights::load(&l.path).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let specs: Vec<LoraSpec<'_>> = files
+        .iter()
+        .zip(loras)
+        .map(|(lora, arg)| LoraSpec {
+            lora,
+            scale: arg.scale,
+        })
+        .collect();
+    let applied = model.apply_loras(&specs).map_err(|e| e.to_string())?;
+    if !quiet {
+        for arg in loras {
+            eprintln!("LoRA {} at scale {}", arg.path.display(), arg.scale);
+        }
+        eprintln!("merged into {} layers", applied.num_layers());
+    }
+    Ok(())
 }
 
 fn load_options(s: &SamplingArgs, variant: Option<String>) -> Result<LoadOptions, String> {

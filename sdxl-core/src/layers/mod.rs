@@ -80,7 +80,9 @@ pub fn layer_norm(size: usize, eps: f64, w: &Weights) -> Result<LayerNorm> {
 pub mod conv;
 pub mod resnet;
 pub mod sampling;
+pub mod visit;
 
 pub use conv::Conv2d;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};
+pub use visit::{LayerMut, LayerVisitor};

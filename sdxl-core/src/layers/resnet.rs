@@ -6,6 +6,7 @@ use candle_nn::{GroupNorm, Linear};
 
 use super::Conv2d;
 
+use super::visit::{LayerMut, LayerVisitor};
 use super::{conv2d, group_norm, linear};
 use crate::error::Result;
 use crate::loading::Weights;
@@ -61,6 +62,32 @@ impl ResnetBlock2D {
             conv2: conv2d(cout, cout, 3, 1, 1, &w.pp("conv2"))?,
             conv_shortcut,
         })
+    }
+
+    /// Calls `f` on `conv1`, `time_emb_proj`, `conv2` and `conv_shortcut` (those the block
+    /// has), named under `prefix`.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_layers_mut(&mut self, prefix: &str, f: &mut LayerVisitor<'_>) -> Result<()> {
+        f(
+            &format!("{prefix}.conv1"),
+            LayerMut::Conv2d(&mut self.conv1),
+        )?;
+        if let Some(proj) = &mut self.time_emb_proj {
+            f(&format!("{prefix}.time_emb_proj"), LayerMut::Linear(proj))?;
+        }
+        f(
+            &format!("{prefix}.conv2"),
+            LayerMut::Conv2d(&mut self.conv2),
+        )?;
+        if let Some(shortcut) = &mut self.conv_shortcut {
+            f(
+                &format!("{prefix}.conv_shortcut"),
+                LayerMut::Conv2d(shortcut),
+            )?;
+        }
+        Ok(())
     }
 
     /// Applies the block to `x` `[B, C, H, W]`, with the timestep embedding `temb` `[B, T]` when

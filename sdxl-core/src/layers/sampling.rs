@@ -5,6 +5,7 @@ use super::Conv2d;
 use candle_core::{Module, Tensor};
 
 use super::conv2d;
+use super::visit::{LayerMut, LayerVisitor};
 use crate::error::Result;
 use crate::loading::Weights;
 
@@ -33,6 +34,14 @@ impl Downsample2D {
             conv: conv2d(in_channels, out_channels, 3, 2, padding, &w.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
+    }
+
+    /// Calls `f` on `conv`, named under `prefix`.
+    ///
+    /// # Errors
+    /// The error `f` returns.
+    pub fn visit_layers_mut(&mut self, prefix: &str, f: &mut LayerVisitor<'_>) -> Result<()> {
+        f(&format!("{prefix}.conv"), LayerMut::Conv2d(&mut self.conv))
     }
 
     /// Halves the spatial size of `x` `[B, C, H, W]`.
@@ -64,6 +73,14 @@ impl Upsample2D {
         Ok(Self {
             conv: conv2d(in_channels, out_channels, 3, 1, 1, &w.pp("conv"))?,
         })
+    }
+
+    /// Calls `f` on `conv`, named under `prefix`.
+    ///
+    /// # Errors
+    /// The error `f` returns.
+    pub fn visit_layers_mut(&mut self, prefix: &str, f: &mut LayerVisitor<'_>) -> Result<()> {
+        f(&format!("{prefix}.conv"), LayerMut::Conv2d(&mut self.conv))
     }
 
     /// Upsamples `x` to `size` `(H, W)` when given (the UNet matches its skip connection),

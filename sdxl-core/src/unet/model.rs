@@ -17,7 +17,7 @@ use super::config::UNetConfig;
 use super::embeddings::TimestepEmbedding;
 use crate::conditioning::{SinusoidalProjection, TextTimeEmbedding};
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm};
+use crate::layers::{conv2d, group_norm, LayerMut, LayerVisitor, ResnetBlock2D};
 use crate::loading::{component_weight_files, Weights};
 
 /// What the UNet is conditioned on besides the timestep, batched like the latents (for
@@ -206,6 +206,63 @@ impl UNet2DConditionModel {
             }
         }
         Ok(())
+    }
+
+    /// Calls `f` on every layer that has a weight matrix or kernel, with its checkpoint name
+    /// (without `.weight`): every linear layer of [`visit_linears_mut`](Self::visit_linears_mut),
+    /// plus `conv_in`, `conv_out` and, in every resnet, `conv1`, `time_emb_proj`, `conv2` and
+    /// `conv_shortcut`, and the resamplers' `downsamplers.0.conv` / `upsamplers.0.conv`. Norms
+    /// are not included. This is how LoRAs covering convolutions are fused.
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_layers_mut(&mut self, f: &mut LayerVisitor<'_>) -> Result<()> {
+        fn resnets(
+            resnets: &mut [ResnetBlock2D],
+            prefix: &str,
+            f: &mut LayerVisitor<'_>,
+        ) -> Result<()> {
+            for (j, r) in resnets.iter_mut().enumerate() {
+                r.visit_layers_mut(&format!("{prefix}.resnets.{j}"), f)?;
+            }
+            Ok(())
+        }
+        f("conv_in", LayerMut::Conv2d(&mut self.conv_in))?;
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            let prefix = format!("down_blocks.{i}");
+            let downsampler = match block {
+                DownBlock::Plain(b) => {
+                    resnets(&mut b.resnets, &prefix, f)?;
+                    &mut b.downsampler
+                }
+                DownBlock::CrossAttn(b) => {
+                    resnets(&mut b.resnets, &prefix, f)?;
+                    &mut b.downsampler
+                }
+            };
+            if let Some(d) = downsampler {
+                d.visit_layers_mut(&format!("{prefix}.downsamplers.0"), f)?;
+            }
+        }
+        resnets(&mut self.mid_block.resnets, "mid_block", f)?;
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            let prefix = format!("up_blocks.{i}");
+            let upsampler = match block {
+                UpBlock::Plain(b) => {
+                    resnets(&mut b.resnets, &prefix, f)?;
+                    &mut b.upsampler
+                }
+                UpBlock::CrossAttn(b) => {
+                    resnets(&mut b.resnets, &prefix, f)?;
+                    &mut b.upsampler
+                }
+            };
+            if let Some(u) = upsampler {
+                u.visit_layers_mut(&format!("{prefix}.upsamplers.0"), f)?;
+            }
+        }
+        f("conv_out", LayerMut::Conv2d(&mut self.conv_out))?;
+        self.visit_linears_mut(&mut |name, linear| f(name, LayerMut::Linear(linear)))
     }
 
     /// The timestep embedding `[batch, time_embed_dim]` (`time_proj` → `time_embedding`) of

@@ -157,6 +157,34 @@ impl ClipTextModel {
         self.text_projection.is_some()
     }
 
+    /// Calls `f` on every linear layer with its transformers module name (the checkpoint key
+    /// without `.weight`, in the `text_model.` layout that SDXL checkpoints and LoRA files use):
+    /// `text_model.encoder.layers.N.self_attn.{q,k,v,out}_proj`,
+    /// `text_model.encoder.layers.N.mlp.fc1/fc2` and, when present, `text_projection`. This is how
+    /// weights are edited in place (e.g. fusing a LoRA).
+    ///
+    /// # Errors
+    /// The first error `f` returns.
+    pub fn visit_linears_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("text_model.encoder.layers.{i}");
+            let attn = &mut layer.self_attn;
+            f(&format!("{prefix}.self_attn.q_proj"), &mut attn.q_proj)?;
+            f(&format!("{prefix}.self_attn.k_proj"), &mut attn.k_proj)?;
+            f(&format!("{prefix}.self_attn.v_proj"), &mut attn.v_proj)?;
+            f(&format!("{prefix}.self_attn.out_proj"), &mut attn.out_proj)?;
+            f(&format!("{prefix}.mlp.fc1"), &mut layer.fc1)?;
+            f(&format!("{prefix}.mlp.fc2"), &mut layer.fc2)?;
+        }
+        if let Some(p) = &mut self.text_projection {
+            f("text_projection", p)?;
+        }
+        Ok(())
+    }
+
     /// Encodes token ids `[B, S]` (u32 or i64, on any device), `S <= max_position_embeddings`.
     ///
     /// # Errors
