@@ -19,8 +19,8 @@ const TOKENIZER_CONFIG: &str = include_str!("../assets/demo/tokenizer/tokenizer_
 const TOKENIZER_MAP: &str = include_str!("../assets/demo/tokenizer/special_tokens_map.json");
 const TOKENIZER_2_CONFIG: &str = include_str!("../assets/demo/tokenizer_2/tokenizer_config.json");
 const TOKENIZER_2_MAP: &str = include_str!("../assets/demo/tokenizer_2/special_tokens_map.json");
-const VOCAB: &str = include_str!("../assets/demo/vocab.json");
-const MERGES: &str = include_str!("../assets/demo/merges.txt");
+const VOCAB: &str = include_str!("../../../sdxl-core/assets/clip/vocab.json");
+const MERGES: &str = include_str!("../../../sdxl-core/assets/clip/merges.txt");
 const WEIGHTS_SPEC: &str = include_str!("../assets/demo/weights_spec.json");
 
 /// A temporary model folder, removed when dropped.

@@ -2,6 +2,7 @@
 
 pub mod diffusers;
 pub mod json;
+pub mod single_file;
 pub mod weights;
 
 pub use diffusers::{component_weight_files, ModelIndex};

@@ -1,16 +1,18 @@
-//! A whole SDXL model (base or refiner) loaded from a diffusers folder.
+//! A whole SDXL model (base or refiner) loaded from a diffusers folder or a single-file
+//! checkpoint.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::loading::ModelIndex;
+use crate::loading::single_file::{self, defaults, SingleFile, SingleFileHints};
+use crate::loading::{component_weight_files, read_json, ModelIndex, Weights};
 use crate::schedulers::SchedulerConfig;
-use crate::text::clip::ClipTextModel;
+use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::text::tokenizer::ClipTokenizer;
-use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, VaeConfig};
 
 /// How to load a model: where to run and in which precision.
 #[derive(Debug, Clone)]
@@ -37,7 +39,7 @@ impl Default for LoadOptions {
     }
 }
 
-/// Whether a folder holds the SDXL base (text-to-image) or the refiner.
+/// Whether a model is the SDXL base (text-to-image) or the refiner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
     /// Two text encoders, 6 time ids (sizes and crop).
@@ -85,12 +87,18 @@ impl std::fmt::Debug for SdxlModel {
 
 impl SdxlModel {
     /// Loads a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder*/`,
-    /// `tokenizer*/`, `scheduler/`). Weights are memory-mapped while loading.
+    /// `tokenizer*/`, `scheduler/`) or a single-file `.safetensors` checkpoint in the original
+    /// SDXL layout (see [`SdxlModel::load_single_file`], with the default hints). Weights are
+    /// memory-mapped while loading.
     ///
     /// # Errors
     /// [`Error::NotFound`] for a missing folder or component, format errors naming the file or
-    /// tensor, [`Error::Unsupported`] for a pipeline class that is not SDXL.
+    /// tensor, [`Error::Unsupported`] for a pipeline class that is not SDXL or a PyTorch pickle
+    /// file.
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
+        if path.is_file() {
+            return Self::load_single_file(path, options, &SingleFileHints::default());
+        }
         let index = ModelIndex::read(path)?;
         let kind = match index.class_name.as_str() {
             "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline"
@@ -108,35 +116,111 @@ impl SdxlModel {
         };
         let (device, dtype) = (&options.device, options.dtype);
         let variant = options.variant.as_deref();
-        let encoder_1 = if index.has_text_encoder() {
-            Some((
-                ClipTokenizer::from_dir(&path.join("tokenizer"))?,
-                ClipTextModel::load(&path.join("text_encoder"), dtype, device, variant)?,
-            ))
-        } else {
-            None
+        let folder = |name: &str, stem: &str| -> Result<Weights> {
+            let files = component_weight_files(&path.join(name), stem, variant)?;
+            Weights::from_safetensors(&files, dtype, device)
         };
-        let encoder_2 = (
-            ClipTokenizer::from_dir(&path.join("tokenizer_2"))?,
-            ClipTextModel::load(&path.join("text_encoder_2"), dtype, device, variant)?,
-        );
-        let unet = UNet2DConditionModel::load(&path.join("unet"), dtype, device, variant)?;
-        let vae_dir = path.join("vae");
-        let vae_dtype = match options.vae_dtype {
-            Some(d) => d,
-            None => {
-                let cfg: crate::vae::VaeConfig =
-                    crate::loading::read_json(&vae_dir.join("config.json"), "VAE config")?;
-                if dtype == DType::F16 && cfg.force_upcast {
+        let text_encoder = |name: &str, tokenizer: &str| -> Result<TextComponent> {
+            let dir = path.join(name);
+            if !dir.is_dir() {
+                return Err(Error::NotFound {
+                    path: dir,
+                    what: "CLIP text encoder folder".into(),
+                });
+            }
+            Ok(TextComponent {
+                tokenizer: ClipTokenizer::from_dir(&path.join(tokenizer))?,
+                config: read_json(&dir.join("config.json"), "CLIP text encoder config")?,
+                weights: folder(name, "model")?,
+            })
+        };
+        let components = Components {
+            text_encoder: if index.has_text_encoder() {
+                Some(text_encoder("text_encoder", "tokenizer")?)
+            } else {
+                None
+            },
+            text_encoder_2: text_encoder("text_encoder_2", "tokenizer_2")?,
+            unet: {
+                let config = UNetConfig::load(&path.join("unet"))?;
+                (folder("unet", DIFFUSERS_STEM)?, config)
+            },
+            vae: {
+                let config = read_json(&path.join("vae").join("config.json"), "VAE config")?;
+                (folder("vae", DIFFUSERS_STEM)?, config)
+            },
+            scheduler_config: SchedulerConfig::from_file(
+                &path.join("scheduler").join("scheduler_config.json"),
+            )?,
+        };
+        Self::assemble(path, kind, index, components, options)
+    }
+
+    /// Loads a single-file checkpoint in Stability's original layout (`sd_xl_base_1.0`,
+    /// `sd_xl_refiner_1.0` and their fine-tunes): the architecture is inferred from the tensors,
+    /// with `hints` for the values no shape reveals; tokenizers, scheduler config and pipeline
+    /// flags are the SDXL defaults shipped with the library (see
+    /// [`crate::loading::single_file`]). `options.variant` does not apply.
+    ///
+    /// # Errors
+    /// The errors of [`SingleFile::open`] (pickles, truncated files, files that are not SDXL),
+    /// and missing or misshapen tensors naming their diffusers key.
+    pub fn load_single_file(
+        path: &Path,
+        options: &LoadOptions,
+        hints: &SingleFileHints,
+    ) -> Result<Self> {
+        let file = SingleFile::open(path, hints)?;
+        let arch = file.architecture().clone();
+        let w = file.weights(options.dtype, &options.device);
+        let components = Components {
+            text_encoder: match arch.text_encoder {
+                Some(config) => Some(TextComponent {
+                    tokenizer: defaults::tokenizer()?,
+                    weights: w.pp(single_file::TEXT_ENCODER),
+                    config,
+                }),
+                None => None,
+            },
+            text_encoder_2: TextComponent {
+                tokenizer: defaults::tokenizer_2()?,
+                weights: w.pp(single_file::TEXT_ENCODER_2),
+                config: arch.text_encoder_2,
+            },
+            unet: (w.pp(single_file::UNET), arch.unet),
+            vae: (w.pp(single_file::VAE), arch.vae),
+            scheduler_config: defaults::scheduler_config()?,
+        };
+        let index = defaults::model_index(arch.kind)?;
+        Self::assemble(path, arch.kind, index, components, options)
+    }
+
+    /// Builds every model from its weights and config, whatever layout they came from.
+    fn assemble(
+        path: &Path,
+        kind: ModelKind,
+        index: ModelIndex,
+        parts: Components,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let encoder = |t: TextComponent| -> Result<(ClipTokenizer, ClipTextModel)> {
+            Ok((t.tokenizer, ClipTextModel::new(&t.weights, &t.config)?))
+        };
+        let encoder_1 = parts.text_encoder.map(encoder).transpose()?;
+        let encoder_2 = encoder(parts.text_encoder_2)?;
+        let (unet_w, unet_cfg) = parts.unet;
+        let unet = UNet2DConditionModel::new(&unet_w, &unet_cfg)?;
+        let (vae_w, vae_cfg) = parts.vae;
+        // diffusers' rule: the SDXL VAE overflows in f16, so `force_upcast` keeps it in f32.
+        let vae_dtype =
+            options
+                .vae_dtype
+                .unwrap_or(if options.dtype == DType::F16 && vae_cfg.force_upcast {
                     DType::F32
                 } else {
-                    dtype
-                }
-            }
-        };
-        let vae = AutoencoderKL::load(&vae_dir, vae_dtype, device, variant)?;
-        let scheduler_config =
-            SchedulerConfig::from_file(&path.join("scheduler").join("scheduler_config.json"))?;
+                    options.dtype
+                });
+        let vae = AutoencoderKL::new(&vae_w.with_dtype(vae_dtype), &vae_cfg)?;
         Ok(Self {
             path: path.to_path_buf(),
             kind,
@@ -147,8 +231,27 @@ impl SdxlModel {
             },
             unet,
             vae,
-            scheduler_config,
+            scheduler_config: parts.scheduler_config,
             options: options.clone(),
         })
     }
+}
+
+/// The stem of diffusers' UNet and VAE weight files.
+const DIFFUSERS_STEM: &str = "diffusion_pytorch_model";
+
+/// A tokenizer with its text encoder's config and weights.
+struct TextComponent {
+    tokenizer: ClipTokenizer,
+    config: ClipTextConfig,
+    weights: Weights,
+}
+
+/// Where each component comes from: a diffusers folder or a single file.
+struct Components {
+    text_encoder: Option<TextComponent>,
+    text_encoder_2: TextComponent,
+    unet: (Weights, UNetConfig),
+    vae: (Weights, VaeConfig),
+    scheduler_config: SchedulerConfig,
 }

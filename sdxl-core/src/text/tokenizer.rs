@@ -163,6 +163,11 @@ impl Settings {
                 (config, map, config_path.display().to_string())
             }
         };
+        Self::resolve(config, map, source)
+    }
+
+    /// Resolves parsed config files (see [`Settings::read`]); `source` names them in errors.
+    fn resolve(config: TokenizerConfig, map: SpecialTokensMap, source: String) -> Result<Self> {
         let role =
             |from_map: &Option<TokenSpec>, from_config: &Option<TokenSpec>, default: &str| {
                 from_map.as_ref().or(from_config.as_ref()).map_or_else(
@@ -253,6 +258,11 @@ fn read_merges(path: &Path) -> Result<Merges> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_merges(&text, &path.display().to_string())
+}
+
+/// Parses the text of a `merges.txt`; `source` names it in errors.
+fn parse_merges(text: &str, source: &str) -> Result<Merges> {
     text.lines()
         .filter(|line| !line.starts_with("#version"))
         .enumerate()
@@ -261,8 +271,7 @@ fn read_merges(path: &Path) -> Result<Merges> {
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(first), Some(second), None) => Ok((first.to_owned(), second.to_owned())),
                 _ => Err(Error::Tokenizer(format!(
-                    "{}: merge {} ({line:?}) is not two symbols separated by one space",
-                    path.display(),
+                    "{source}: merge {} ({line:?}) is not two symbols separated by one space",
                     rank + 1
                 ))),
             }
@@ -275,8 +284,18 @@ fn clip_bpe_tokenizer(dir: &Path, unk: &str) -> Result<Tokenizer> {
     let vocab: HashMap<String, u32> =
         read_json(&dir.join("vocab.json"), "CLIP vocabulary (vocab.json)")?;
     let merges = read_merges(&dir.join("merges.txt"))?;
+    build_clip_bpe(vocab, merges, unk, &dir.display().to_string())
+}
+
+/// The CLIP pipeline around a BPE model; `source` names the files in errors.
+fn build_clip_bpe(
+    vocab: HashMap<String, u32>,
+    merges: Merges,
+    unk: &str,
+    source: &str,
+) -> Result<Tokenizer> {
     let library = |what: &str| {
-        let context = format!("{what} for {}", dir.display());
+        let context = format!("{what} for {source}");
         move |e: tokenizers::Error| Error::Tokenizer(format!("{context}: {e}"))
     };
     let model = BPE::builder()
@@ -375,6 +394,36 @@ impl ClipTokenizer {
     pub fn from_files(tokenizer_json: &Path, config_dir: Option<&Path>) -> Result<Self> {
         let tokenizer: Tokenizer = read_json(tokenizer_json, "CLIP tokenizer.json")?;
         let settings = Settings::read(config_dir)?;
+        Self::with_settings(tokenizer, settings)
+    }
+
+    /// Builds the CLIP pipeline from the contents of `vocab.json`, `merges.txt` and
+    /// `tokenizer_config.json`, for tokenizers shipped inside a program (the defaults that
+    /// single-file checkpoints need, see [`crate::loading::single_file`]). `origin` names the
+    /// files in errors, e.g. `<sdxl-core assets>/tokenizer_2`.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] for malformed contents or tokens the vocabulary lacks,
+    /// [`Error::Unsupported`] for a `model_max_length` below 2.
+    pub fn from_strings(
+        vocab_json: &str,
+        merges_txt: &str,
+        tokenizer_config_json: &str,
+        origin: &str,
+    ) -> Result<Self> {
+        let parse_error =
+            |file: &str, e: serde_json::Error| Error::Tokenizer(format!("{origin}/{file}: {e}"));
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(vocab_json).map_err(|e| parse_error("vocab.json", e))?;
+        let config: TokenizerConfig = serde_json::from_str(tokenizer_config_json)
+            .map_err(|e| parse_error("tokenizer_config.json", e))?;
+        let merges = parse_merges(merges_txt, &format!("{origin}/merges.txt"))?;
+        let settings = Settings::resolve(
+            config,
+            SpecialTokensMap::default(),
+            format!("{origin}/tokenizer_config.json"),
+        )?;
+        let tokenizer = build_clip_bpe(vocab, merges, &settings.unk.content, origin)?;
         Self::with_settings(tokenizer, settings)
     }
 
