@@ -380,6 +380,9 @@ fn prompts_from(kw: &Value) -> Prompts {
         prompt_2: opt_str(&kw["prompt_2"]),
         negative_prompt: opt_str(&kw["negative_prompt"]),
         negative_prompt_2: opt_str(&kw["negative_prompt_2"]),
+        // Replaying diffusers: no weighting syntax, and long prompts are truncated.
+        weighting: false,
+        long_prompts: sdxl_core::pipeline::LongPrompts::Truncate,
     }
 }
 

@@ -16,7 +16,7 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate images from a prompt with an SDXL model (diffusers folder).
+    /// Generate images from a prompt with an SDXL model (diffusers folder or single file).
     Generate(Box<GenerateArgs>),
     /// Generate with a tiny random-weight SDXL built on the fly: no downloaded weights needed.
     /// The image is noise-like; the point is the whole path (tokenize, encode, denoise, decode,
@@ -268,10 +268,11 @@ pub struct SamplingArgs {
 /// `sdxl generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The SDXL base model: a diffusers folder (`model_index.json`, `unet/`, `vae/`, …).
+    /// The SDXL base model: a diffusers folder (`model_index.json`, `unet/`, `vae/`, …) or a
+    /// single-file checkpoint (`.safetensors` in the original Stability layout).
     #[arg(long)]
     pub model: PathBuf,
-    /// An SDXL refiner folder; the base hands off at --refiner-start.
+    /// An SDXL refiner (folder or single file); the base hands off at --refiner-start.
     #[arg(long)]
     pub refiner: Option<PathBuf>,
     /// Weights variant, e.g. `fp16` for `*.fp16.safetensors`.
