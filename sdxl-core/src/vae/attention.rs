@@ -58,12 +58,15 @@ impl VaeAttention {
     fn forward_chunked(&self, x: &Tensor, max_scores: usize) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let tokens = h * w;
-        // [B, C, H, W] -> [B, H*W, C] (a strided view; the projections read it as is).
+        // [B, C, H, W] -> [B, H*W, C]. The copy is required: candle 0.11.1's CPU matmul folds
+        // the batch of a batch-invariant rhs (`Linear`'s weight) into the rows of lhs without
+        // checking that they are contiguous, so a transposed view gives wrong results for B > 1.
         let hidden = self
             .group_norm
             .forward(x)?
             .reshape((b, c, tokens))?
-            .transpose(1, 2)?;
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = (self.to_q.forward(&hidden)? * self.scale)?;
         let k_t = self.to_k.forward(&hidden)?.t()?;
         let v = self.to_v.forward(&hidden)?;
