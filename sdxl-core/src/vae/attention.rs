@@ -186,7 +186,9 @@ mod tests {
         let full = attn.forward_chunked(&x, usize::MAX).unwrap();
         for budget in [1, 70, 2 * 35 * 6, 1000] {
             let chunked = attn.forward_chunked(&x, budget).unwrap();
-            assert!(max_abs_diff(&full, &chunked) < 1e-6, "budget {budget}");
+            // Chunks change the matmul blocking: a few float32 ulps at outputs of about 4.
+            let diff = max_abs_diff(&full, &chunked);
+            assert!(diff < 1e-5, "budget {budget}: {diff}");
         }
     }
 
