@@ -10,9 +10,9 @@ use crate::schedulers::SchedulerConfig;
 use crate::text::clip::ClipTextModel;
 use crate::text::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
-use crate::vae::AutoencoderKL;
+use crate::vae::{AutoencoderKL, TilingOptions};
 
-/// How to load a model: where to run and in which precision.
+/// How to load a model: where to run, in which precision, and which VAE to use how.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// The device the components run on.
@@ -24,6 +24,13 @@ pub struct LoadOptions {
     pub vae_dtype: Option<DType>,
     /// A weights variant such as `fp16` (`*.fp16.safetensors`); `None` takes the plain files.
     pub variant: Option<String>,
+    /// A diffusers VAE folder (`config.json` and `diffusion_pytorch_model.safetensors`) to load
+    /// instead of the model's own `vae/`, e.g. an fp16-fix SDXL VAE, whose config clears
+    /// `force_upcast` so that it runs in f16. It is read without `variant`: the plain weights
+    /// file, or the only variant file present.
+    pub vae_path: Option<PathBuf>,
+    /// How the VAE tiles large images (default: [`TilingMode::Auto`](crate::vae::TilingMode)).
+    pub vae_tiling: TilingOptions,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +40,8 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             vae_dtype: None,
             variant: None,
+            vae_path: None,
+            vae_tiling: TilingOptions::default(),
         }
     }
 }
@@ -108,6 +117,24 @@ impl SdxlModel {
         };
         let (device, dtype) = (&options.device, options.dtype);
         let variant = options.variant.as_deref();
+        // The VAE first: a wrong `vae_path` fails before the large components load.
+        let (vae_dir, vae_variant) = match &options.vae_path {
+            Some(dir) => (dir.clone(), None),
+            None => (path.join("vae"), variant),
+        };
+        let vae_dtype = match options.vae_dtype {
+            Some(d) => d,
+            None => {
+                let cfg: crate::vae::VaeConfig =
+                    crate::loading::read_json(&vae_dir.join("config.json"), "VAE config")?;
+                if dtype == DType::F16 && cfg.force_upcast {
+                    DType::F32
+                } else {
+                    dtype
+                }
+            }
+        };
+        let vae = AutoencoderKL::load(&vae_dir, vae_dtype, device, vae_variant)?;
         let encoder_1 = if index.has_text_encoder() {
             Some((
                 ClipTokenizer::from_dir(&path.join("tokenizer"))?,
@@ -121,20 +148,6 @@ impl SdxlModel {
             ClipTextModel::load(&path.join("text_encoder_2"), dtype, device, variant)?,
         );
         let unet = UNet2DConditionModel::load(&path.join("unet"), dtype, device, variant)?;
-        let vae_dir = path.join("vae");
-        let vae_dtype = match options.vae_dtype {
-            Some(d) => d,
-            None => {
-                let cfg: crate::vae::VaeConfig =
-                    crate::loading::read_json(&vae_dir.join("config.json"), "VAE config")?;
-                if dtype == DType::F16 && cfg.force_upcast {
-                    DType::F32
-                } else {
-                    dtype
-                }
-            }
-        };
-        let vae = AutoencoderKL::load(&vae_dir, vae_dtype, device, variant)?;
         let scheduler_config =
             SchedulerConfig::from_file(&path.join("scheduler").join("scheduler_config.json"))?;
         Ok(Self {
