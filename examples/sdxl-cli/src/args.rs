@@ -146,6 +146,17 @@ pub enum DTypeName {
     Bf16,
 }
 
+/// When the VAE decodes and encodes in tiles.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum VaeTiling {
+    /// Tile only images whose untiled pass would take more than the memory budget (8 GiB).
+    Auto,
+    /// Tile every image larger than one tile (diffusers' `enable_tiling()`).
+    On,
+    /// Never tile (diffusers' default); enormous images are refused.
+    Off,
+}
+
 /// Devices.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceName {
@@ -254,6 +265,9 @@ pub struct SamplingArgs {
     /// Device.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceName,
+    /// VAE tiling: lets large images (e.g. 2048x2048) decode in a few GB of memory.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub vae_tiling: VaeTiling,
     /// Output PNG (several images: name-0.png, name-1.png, …).
     #[arg(long, default_value = "sdxl.png")]
     pub out: PathBuf,
@@ -282,6 +296,10 @@ pub struct GenerateArgs {
     /// PATH:SCALE (scale 1 by default); repeat for several.
     #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = parse_lora)]
     pub loras: Vec<LoraArg>,
+    /// A diffusers VAE folder to use instead of the model's `vae/`, e.g. an fp16-fix SDXL VAE
+    /// (which runs in f16 with `--dtype f16`; the original SDXL VAE is kept in f32).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// Sampling options.
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -360,6 +378,10 @@ mod tests {
             "a.safetensors",
             "--lora",
             "b.safetensors:0.4",
+            "--vae",
+            "vae-fp16-fix",
+            "--vae-tiling",
+            "on",
         ]);
         assert!(cli.is_ok(), "{cli:?}");
     }

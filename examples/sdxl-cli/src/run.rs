@@ -12,9 +12,10 @@ use sdxl_core::pipeline::{
     LoadOptions, ModelKind, RunControl, SchedulerChoice, SdxlModel, StepInfo, StepObserver,
 };
 use sdxl_core::schedulers::SchedulerKind;
+use sdxl_core::vae::{TilingMode, TilingOptions};
 
 use crate::args::{
-    Cli, Command, DTypeName, DeviceName, Hw, LoraArg, Prediction, SamplingArgs, Spacing,
+    Cli, Command, DTypeName, DeviceName, Hw, LoraArg, Prediction, SamplingArgs, Spacing, VaeTiling,
 };
 use crate::{demo, png_io};
 
@@ -23,7 +24,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Generate(args) => {
             let s = &args.sampling;
-            let options = load_options(s, args.variant.clone())?;
+            let options = load_options(s, args.variant.clone(), args.vae.clone())?;
             let t0 = Instant::now();
             let mut base = SdxlModel::load(&args.model, &options).map_err(|e| e.to_string())?;
             if base.kind == ModelKind::Refiner {
@@ -60,7 +61,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Demo(args) => {
             let s = &args.sampling;
             let dir = demo::build_demo_model(args.weights_seed)?;
-            let options = load_options(s, None)?;
+            let options = load_options(s, None, None)?;
             let base = SdxlModel::load(dir.path(), &options).map_err(|e| e.to_string())?;
             generate(&base, None, s, (64, 64), "sdxl-demo-random")
         }
@@ -94,7 +95,11 @@ fn apply_loras(model: &mut SdxlModel, loras: &[LoraArg], quiet: bool) -> Result<
     Ok(())
 }
 
-fn load_options(s: &SamplingArgs, variant: Option<String>) -> Result<LoadOptions, String> {
+fn load_options(
+    s: &SamplingArgs,
+    variant: Option<String>,
+    vae_path: Option<PathBuf>,
+) -> Result<LoadOptions, String> {
     let device = match s.device {
         DeviceName::Cpu => Device::Cpu,
         DeviceName::Cuda => Device::new_cuda(0).map_err(|e| format!("CUDA device: {e}"))?,
@@ -105,11 +110,18 @@ fn load_options(s: &SamplingArgs, variant: Option<String>) -> Result<LoadOptions
         DTypeName::F16 => DType::F16,
         DTypeName::Bf16 => DType::BF16,
     };
+    let mode = match s.vae_tiling {
+        VaeTiling::Auto => TilingMode::Auto,
+        VaeTiling::On => TilingMode::On,
+        VaeTiling::Off => TilingMode::Off,
+    };
     Ok(LoadOptions {
         device,
         dtype,
         vae_dtype: None,
         variant,
+        vae_path,
+        vae_tiling: TilingOptions::with_mode(mode),
     })
 }
 

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::rng::TorchRng;
 use crate::schedulers::{NoiseSource, Scheduler};
 use crate::unet::UNetConditioning;
+use crate::vae::tiling;
 
 /// How a run is observed and stopped. `Default` observes nothing and is never cancelled.
 pub struct RunControl<'a> {
@@ -313,10 +314,19 @@ pub fn image_to_image(
     )
 }
 
-/// Encodes pixels in [-1, 1] to scaled latents: `scaling_factor · (mean + std · noise)`.
-fn encode_latents(model: &SdxlModel, x: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+/// Encodes images `x` `[B, 3, H, W]` in [-1, 1] to scaled latents
+/// `scaling_factor · (mean + std · noise)`, tiled as the model's
+/// [`LoadOptions::vae_tiling`](super::LoadOptions) decides; `noise` draws the posterior sample.
+///
+/// # Errors
+/// Invalid image sizes, a pass refused by the tiling limits, tensor or model failures.
+pub fn encode_latents(
+    model: &SdxlModel,
+    x: &Tensor,
+    noise: &mut dyn NoiseSource,
+) -> Result<Tensor> {
     let vae = &model.vae;
-    let dist = vae.encode(&x.to_dtype(vae.dtype())?)?;
+    let dist = tiling::encode(vae, &x.to_dtype(vae.dtype())?, &model.options.vae_tiling)?;
     let eps = noise.randn(dist.mean.dims(), DType::F32, &model.options.device)?;
     let z = dist
         .sample(&eps.to_dtype(vae.dtype())?)?
@@ -324,24 +334,72 @@ fn encode_latents(model: &SdxlModel, x: &Tensor, noise: &mut dyn NoiseSource) ->
     Ok((z * vae.scaling_factor())?)
 }
 
-/// Decodes scaled latents to the VAE's raw output `[B, 3, H, W]` (f32, about [-1, 1]).
+/// Decodes scaled latents to the VAE's raw output `[B, 3, H, W]` (f32, about [-1, 1]), tiled as
+/// the model's [`LoadOptions::vae_tiling`](super::LoadOptions) decides. The output is not checked
+/// for NaN ([`decode_images`] does).
 ///
 /// # Errors
-/// Tensor or model failures.
+/// [`Error::InvalidArgument`] for a pass refused by the tiling limits (an enormous latent with
+/// tiling off); tensor or model failures.
 pub fn decode_latents(model: &SdxlModel, latents: &Tensor) -> Result<Tensor> {
     let vae = &model.vae;
+    // Refuse an oversized pass before the scaled copy of the latents is made.
+    tiling::decode_strategy(vae, latents, &model.options.vae_tiling)?;
     let z = (latents.to_dtype(DType::F32)? / vae.scaling_factor())?;
-    Ok(vae
-        .decode(&z.to_dtype(vae.dtype())?)?
-        .to_dtype(DType::F32)?)
+    Ok(
+        tiling::decode(vae, &z.to_dtype(vae.dtype())?, &model.options.vae_tiling)?
+            .to_dtype(DType::F32)?,
+    )
+}
+
+/// Whether every value of `t` is finite (`0 · x` is NaN exactly where `x` is NaN or infinite).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let zeros = (t.to_dtype(DType::F32)? * 0.0)?;
+    Ok(zeros.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
+/// What to do about a VAE that decoded finite latents into NaN or infinity.
+fn vae_overflow_hint(vae_dtype: DType) -> String {
+    if matches!(vae_dtype, DType::F16 | DType::BF16) {
+        format!(
+            ": the VAE overflowed in {vae_dtype:?}; decode in f32 (leave `vae_dtype` unset with a \
+             VAE whose config sets force_upcast, or set it to F32) or use an fp16-fix VAE \
+             (LoadOptions::vae_path, CLI `--vae PATH`)"
+        )
+    } else {
+        ": the VAE overflowed in f32, so its weights are probably broken; try another VAE \
+         (LoadOptions::vae_path, CLI `--vae PATH`)"
+            .to_string()
+    }
 }
 
 /// Decodes scaled latents to RGB images, rounding as diffusers does.
 ///
 /// # Errors
-/// [`Error::NonFinite`] when the VAE overflows, tensor or model failures.
+/// [`Error::NonFinite`] with advice when the latents are not finite (the denoiser overflowed)
+/// or the VAE overflows (an f16 VAE without the fp16 fix); the errors of [`decode_latents`].
 pub fn decode_images(model: &SdxlModel, latents: &Tensor) -> Result<Vec<RgbImage>> {
-    RgbImage::from_decoded(&decode_latents(model, latents)?)
+    if !all_finite(latents)? {
+        let advice = match model.options.dtype {
+            DType::F16 => {
+                "; the UNet probably overflowed in F16: run it in f32 or bf16 (CLI \
+                           `--dtype f32` or `--dtype bf16`)"
+            }
+            _ => "",
+        };
+        return Err(Error::NonFinite {
+            what: "denoising".into(),
+            hint: format!(": the latents hold NaN or infinity before decoding{advice}"),
+        });
+    }
+    let decoded = decode_latents(model, latents)?;
+    if !all_finite(&decoded)? {
+        return Err(Error::NonFinite {
+            what: "VAE decode".into(),
+            hint: vae_overflow_hint(model.vae.dtype()),
+        });
+    }
+    RgbImage::from_decoded(&decoded)
 }
 
 /// The whole job: text-to-image with `base`, optionally handed to `refiner` at
@@ -402,5 +460,27 @@ pub fn generate(
             )?;
             decode_images(refiner, &latents)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn finiteness_check_catches_nan_and_both_infinities() {
+        let check = |v: f32| {
+            let t = Tensor::from_vec(vec![1.0, v, -3e38], (1, 3), &Device::Cpu).unwrap();
+            all_finite(&t).unwrap()
+        };
+        assert!(check(3e38));
+        assert!(!check(f32::NAN));
+        assert!(!check(f32::INFINITY));
+        assert!(!check(f32::NEG_INFINITY));
+        let half = Tensor::full(half::f16::INFINITY, (2, 2), &Device::Cpu).unwrap();
+        assert!(!all_finite(&half).unwrap());
     }
 }

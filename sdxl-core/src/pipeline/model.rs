@@ -12,9 +12,9 @@ use crate::schedulers::SchedulerConfig;
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::text::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
-use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::vae::{AutoencoderKL, TilingOptions, VaeConfig};
 
-/// How to load a model: where to run and in which precision.
+/// How to load a model: where to run, in which precision, and which VAE to use how.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// The device the components run on.
@@ -26,6 +26,13 @@ pub struct LoadOptions {
     pub vae_dtype: Option<DType>,
     /// A weights variant such as `fp16` (`*.fp16.safetensors`); `None` takes the plain files.
     pub variant: Option<String>,
+    /// A diffusers VAE folder (`config.json` and `diffusion_pytorch_model.safetensors`) to load
+    /// instead of the model's own `vae/`, e.g. an fp16-fix SDXL VAE, whose config clears
+    /// `force_upcast` so that it runs in f16. It is read without `variant`: the plain weights
+    /// file, or the only variant file present.
+    pub vae_path: Option<PathBuf>,
+    /// How the VAE tiles large images (default: [`TilingMode::Auto`](crate::vae::TilingMode)).
+    pub vae_tiling: TilingOptions,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +42,8 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             vae_dtype: None,
             variant: None,
+            vae_path: None,
+            vae_tiling: TilingOptions::default(),
         }
     }
 }
@@ -203,6 +212,29 @@ impl SdxlModel {
         parts: Components,
         options: &LoadOptions,
     ) -> Result<Self> {
+        // diffusers' rule: the SDXL VAE overflows in f16, so `force_upcast` keeps it in f32.
+        let vae_dtype = |cfg: &VaeConfig| {
+            options
+                .vae_dtype
+                .unwrap_or(if options.dtype == DType::F16 && cfg.force_upcast {
+                    DType::F32
+                } else {
+                    options.dtype
+                })
+        };
+        // The VAE first: a wrong `vae_path` fails before the large components are read.
+        let vae = match &options.vae_path {
+            Some(dir) => {
+                let cfg: VaeConfig = read_json(&dir.join("config.json"), "VAE config")?;
+                let files = component_weight_files(dir, DIFFUSERS_STEM, None)?;
+                let w = Weights::from_safetensors(&files, vae_dtype(&cfg), &options.device)?;
+                AutoencoderKL::new(&w, &cfg)?
+            }
+            None => {
+                let (vae_w, vae_cfg) = parts.vae;
+                AutoencoderKL::new(&vae_w.with_dtype(vae_dtype(&vae_cfg)), &vae_cfg)?
+            }
+        };
         let encoder = |t: TextComponent| -> Result<(ClipTokenizer, ClipTextModel)> {
             Ok((t.tokenizer, ClipTextModel::new(&t.weights, &t.config)?))
         };
@@ -210,17 +242,6 @@ impl SdxlModel {
         let encoder_2 = encoder(parts.text_encoder_2)?;
         let (unet_w, unet_cfg) = parts.unet;
         let unet = UNet2DConditionModel::new(&unet_w, &unet_cfg)?;
-        let (vae_w, vae_cfg) = parts.vae;
-        // diffusers' rule: the SDXL VAE overflows in f16, so `force_upcast` keeps it in f32.
-        let vae_dtype =
-            options
-                .vae_dtype
-                .unwrap_or(if options.dtype == DType::F16 && vae_cfg.force_upcast {
-                    DType::F32
-                } else {
-                    options.dtype
-                });
-        let vae = AutoencoderKL::new(&vae_w.with_dtype(vae_dtype), &vae_cfg)?;
         Ok(Self {
             path: path.to_path_buf(),
             kind,
