@@ -15,7 +15,18 @@
 //!   from `sdxl_last_error_message`.
 //!
 //! From Rust the same functions can be called directly (they are `unsafe extern "C"`), which is
-//! how the parity tests drive them.
+//! how the parity tests drive them:
+//!
+//! ```
+//! use std::ffi::CStr;
+//!
+//! // SAFETY: both functions return static NUL-terminated strings.
+//! let version = unsafe { CStr::from_ptr(sdxl::sdxl_version()) };
+//! assert!(version.to_string_lossy().starts_with("sdxl "));
+//! let text = unsafe { CStr::from_ptr(sdxl::sdxl_status_str(sdxl::SDXL_STATUS_CANCELLED)) };
+//! assert_eq!(text.to_string_lossy(), "cancelled");
+//! assert_eq!(sdxl::sdxl_abi_version(), sdxl::SDXL_ABI_VERSION);
+//! ```
 #![warn(missing_docs)]
 #![allow(non_camel_case_types)]
 
