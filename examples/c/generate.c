@@ -8,7 +8,7 @@
  * 3. runs again and stops halfway from the progress callback (SDXL_STATUS_CANCELLED),
  * 4. runs with a cancel token that is already cancelled (SDXL_STATUS_CANCELLED),
  * 5. starts a job, cancels it from another thread while it runs (SDXL_STATUS_CANCELLED),
- * 6. runs a job to the end and checks that it gives the same image as step 2,
+ * 6. runs two jobs at once on the shared model; both must give the image of step 2,
  * 7. frees everything.
  *
  * Exit status 0 when every step behaved as expected. Build (see the Makefile):
@@ -64,13 +64,19 @@ static int32_t stop_halfway(int32_t stage, uint32_t step, uint32_t total, double
     return step * 2 >= total ? 1 : 0;
 }
 
+struct previews {
+    uint32_t calls;
+    unsigned long checksum;
+};
+
 static void on_preview(int32_t stage, uint32_t step, uint32_t total, const uint8_t *rgb,
                        uint32_t width, uint32_t height, void *user_data) {
     (void)stage;
     (void)step;
     (void)total;
-    unsigned long *checksum = user_data;
-    for (size_t i = 0; i < (size_t)width * height * 3; i++) *checksum += rgb[i];
+    struct previews *p = user_data;
+    p->calls++;
+    for (size_t i = 0; i < (size_t)width * height * 3; i++) p->checksum += rgb[i];
 }
 
 static int write_ppm(const char *path, const uint8_t *rgba, uint32_t width, uint32_t height) {
@@ -153,9 +159,9 @@ int main(int argc, char **argv) {
     params.steps = argc > 3 ? (uint32_t)atoi(argv[3]) : 4;
     params.seed = 42;
     params.progress = print_progress;
-    unsigned long preview_checksum = 0;
+    struct previews previews = {0, 0};
     params.preview = on_preview;
-    params.preview_user_data = &preview_checksum;
+    params.preview_user_data = &previews;
 
     size_t image_len = 0, latents_len = 0;
     expect("image size", sdxl_generate_image_size(&params, &image_len), SDXL_STATUS_OK);
@@ -167,7 +173,12 @@ int main(int argc, char **argv) {
     if (!image || !job_image || !latents) return 1;
     if (expect("generate", sdxl_generate(model, &params, image, image_len, latents, latents_len),
                SDXL_STATUS_OK)) {
-        printf("  preview checksum %lu, first latent %f\n", preview_checksum, latents[0]);
+        printf("  %u previews (checksum %lu), first latent %f\n", previews.calls,
+               previews.checksum, latents[0]);
+        if (previews.calls != params.steps) {
+            printf("FAIL expected one preview per step\n");
+            failures++;
+        }
         if (!write_ppm(argv[2], image, params.width, params.height)) {
             printf("FAIL cannot write %s\n", argv[2]);
             failures++;
@@ -221,20 +232,24 @@ int main(int argc, char **argv) {
         sdxl_job_free(job);
     }
 
-    /* 6. A job run to the end gives the same image as the blocking call. */
+    /* 6. Two jobs share the model at once; both give the image of the blocking call. */
     params.progress = NULL;
     params.progress_user_data = NULL;
-    job = NULL;
-    if (expect("start job", sdxl_job_start(model, &params, &job), SDXL_STATUS_OK)) {
-        expect("wait", sdxl_job_wait(job, -1), SDXL_STATUS_OK);
-        expect("take image", sdxl_job_take_image(job, job_image, image_len), SDXL_STATUS_OK);
+    sdxl_job *jobs[2] = {NULL, NULL};
+    for (int i = 0; i < 2; i++)
+        expect("start job", sdxl_job_start(model, &params, &jobs[i]), SDXL_STATUS_OK);
+    for (int i = 0; i < 2; i++) {
+        if (!jobs[i]) continue;
+        expect("wait", sdxl_job_wait(jobs[i], -1), SDXL_STATUS_OK);
+        memset(job_image, 0, image_len);
+        expect("take image", sdxl_job_take_image(jobs[i], job_image, image_len), SDXL_STATUS_OK);
         if (memcmp(image, job_image, image_len) != 0) {
-            printf("FAIL the job's image differs from sdxl_generate's\n");
+            printf("FAIL job %d's image differs from sdxl_generate's\n", i);
             failures++;
         } else {
-            printf("ok   the job's image equals sdxl_generate's\n");
+            printf("ok   job %d's image equals sdxl_generate's\n", i);
         }
-        sdxl_job_free(job);
+        sdxl_job_free(jobs[i]);
     }
 
     /* 7. Free everything. */

@@ -278,6 +278,12 @@ static void jobs(const sdxl_model *model) {
     EXPECT(sdxl_job_take_image(job, image, sizeof image), SDXL_STATUS_OK);
     EXPECT(sdxl_job_take_image(job, image, sizeof image), SDXL_STATUS_OK);
     EXPECT(sdxl_job_take_latents(job, &latent, 1), SDXL_STATUS_BUFFER_TOO_SMALL);
+    static float latents[4 * 8 * 8 * 16];
+    size_t latents_len = 0;
+    EXPECT(sdxl_generate_latents_size(model, &p, &latents_len), SDXL_STATUS_OK);
+    EXPECT(sdxl_job_take_latents(job, NULL, latents_len), SDXL_STATUS_NULL_ARGUMENT);
+    if (latents_len <= sizeof latents / sizeof latents[0])
+        EXPECT(sdxl_job_take_latents(job, latents, latents_len), SDXL_STATUS_OK);
     EXPECT(sdxl_job_cancel(job), SDXL_STATUS_OK);
     EXPECT(sdxl_job_wait(job, 0), SDXL_STATUS_OK);
     sdxl_job_free(job);
