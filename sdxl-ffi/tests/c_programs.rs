@@ -6,8 +6,8 @@
 //! The static library is the `libsdxl.a` that cargo builds into `target/<profile>/deps` along
 //! with the rlib these tests link (a dependency library is compiled with all its crate types);
 //! if it is missing, the test runs `cargo build -p sdxl-ffi --lib` with the same profile and
-//! target directory. So `cargo test` and `cargo test --release` both work with no extra step. The compilers are `$CC`/`$CXX` or
-//! `cc`/`c++`.
+//! target directory. So `cargo test` and `cargo test --release` both work with no extra step.
+//! The compilers are `$CC`/`$CXX` or `cc`/`c++`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../../sdxl-core/tests/common/mod.rs"]

@@ -75,7 +75,8 @@ static void version_and_errors(void) {
     /* Produce a known message, then read it through small buffers. */
     EXPECT(sdxl_load_options_init(NULL), SDXL_STATUS_NULL_ARGUMENT);
     size_t needed = sdxl_last_error_message(NULL, 0);
-    check_true("size query gives the message length + 1", needed == strlen("`options` is NULL") + 1);
+    check_true("size query gives the message length + 1",
+               needed == strlen("`options` is NULL") + 1);
     char small[4];
     memset(small, 'x', sizeof small);
     size_t got = sdxl_last_error_message(small, sizeof small);
