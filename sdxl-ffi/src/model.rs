@@ -133,6 +133,7 @@ unsafe fn load_options(options: &sdxl_load_options) -> FfiResult<LoadOptions> {
         dtype: dtype(options.dtype, "dtype")?,
         vae_dtype,
         variant: variant.map(str::to_string),
+        ..LoadOptions::default()
     })
 }
 
