@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use common::replay::{
@@ -471,7 +471,13 @@ fn unknown_modules_are_refused_or_skipped() {
     let original = snapshot(&mut base);
     let lora = adapter_with_text_encoders("kohya");
     let bad = edited(&lora, |t| {
-        let any = t.values().next().unwrap().clone();
+        // A real module's matrix (a scalar `alpha` would be refused for its shape instead).
+        let any = t
+            .iter()
+            .filter(|(k, _)| k.ends_with(".lora_down.weight"))
+            .min_by_key(|(k, _)| k.as_str())
+            .map(|(_, v)| v.clone())
+            .expect("a lora_down weight");
         t.insert("lora_unet_not_a_layer.lora_down.weight".into(), any.clone());
         t.insert("lora_unet_not_a_layer.lora_up.weight".into(), any.clone());
         t.insert("lora_unet_input_blocks_4_1_proj_in.hada_w1_a".into(), any);
@@ -663,7 +669,8 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
     );
     let mut kohya = HashMap::new();
     let mut diffusers = HashMap::new();
-    let mut expected = HashMap::new();
+    // Ordered, so that the worst layer printed below is the same on every run.
+    let mut expected = BTreeMap::new();
     for (i, (name, dims)) in targets.iter().enumerate() {
         let mut down_dims = vec![rank];
         down_dims.extend_from_slice(&dims[1..]);
