@@ -7,17 +7,21 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
-use common::{golden, goldens, index_entries, manifest, Parity};
+use common::replay::{
+    check_u8, diffusers_prompts, embeds_by_name, observed, params_from, Recorder,
+};
+use common::{
+    base_model, golden, goldens, index_entries, load_model, manifest, refiner_model, Parity,
+};
 use sdxl_core::layers::LayerMut;
 use sdxl_core::lora::{
     kohya_module_name, LoraComponent, LoraFormat, LoraOptions, LoraSpec, LoraWeights, SgmUnetLayout,
 };
 use sdxl_core::pipeline::{
-    decode_latents, encode_prompt, text_to_image, CancelToken, GenerateParams, LoadOptions,
-    Prompts, RgbImage, RunControl, SdxlModel, StepObserver, StepTensors,
+    decode_latents, encode_prompt, text_to_image, LoadOptions, RgbImage, SdxlModel,
 };
 use sdxl_core::Error;
 use serde_json::Value;
@@ -27,14 +31,6 @@ const FORMATS: [(&str, LoraFormat); 2] = [
     ("diffusers", LoraFormat::Diffusers),
     ("kohya", LoraFormat::Kohya),
 ];
-
-fn load_base() -> SdxlModel {
-    SdxlModel::load(&common::base_dir(), &LoadOptions::default()).expect("base model loads")
-}
-
-fn load_refiner() -> SdxlModel {
-    SdxlModel::load(&common::refiner_dir(), &LoadOptions::default()).expect("refiner loads")
-}
 
 fn lora_manifest() -> Value {
     manifest()["lora"].clone()
@@ -136,6 +132,46 @@ fn weight_of(model: &mut SdxlModel, component: LoraComponent, module: &str) -> T
         .unwrap_or_else(|| panic!("no layer {key}"))
 }
 
+/// `manifest.json → lora.fuse`: one adapter merged at one scale, with goldens of some of its
+/// modules' weights before and after.
+struct FuseCase {
+    adapter: String,
+    scale: f64,
+    modules: Vec<Value>,
+}
+
+impl FuseCase {
+    /// The case as the manifest gives it.
+    fn from_manifest() -> Self {
+        let fuse = &lora_manifest()["fuse"];
+        Self {
+            adapter: fuse["adapter"].as_str().expect("fuse adapter").to_string(),
+            scale: fuse["lora_scale"].as_f64().expect("lora_scale"),
+            modules: fuse["modules"].as_array().expect("fuse modules").clone(),
+        }
+    }
+
+    /// The case's adapter at the case's scale.
+    fn spec<'a>(&self, loras: &'a HashMap<String, LoraWeights>) -> LoraSpec<'a> {
+        LoraSpec {
+            lora: &loras[&self.adapter],
+            scale: self.scale,
+        }
+    }
+
+    /// The current weight of every listed module, with the module's golden prefix.
+    fn module_weights(&self, model: &mut SdxlModel) -> Vec<(String, Tensor)> {
+        self.modules
+            .iter()
+            .map(|m| {
+                let c = component(m["component"].as_str().unwrap());
+                let w = weight_of(model, c, m["module"].as_str().unwrap());
+                (m["golden"].as_str().unwrap().to_string(), w)
+            })
+            .collect()
+    }
+}
+
 /// Asserts that every weight is bit-identical to the snapshot.
 fn assert_unchanged(model: &mut SdxlModel, before: &HashMap<String, Vec<u32>>, what: &str) {
     let now = snapshot(model);
@@ -156,7 +192,7 @@ fn assert_unchanged(model: &mut SdxlModel, before: &HashMap<String, Vec<u32>>, w
 
 #[test]
 fn kohya_names_match_the_manifest() {
-    let base = load_base();
+    let base = base_model();
     let layout = SgmUnetLayout::of(&base.unet);
     let mut checked = 0;
     for adapter in lora_manifest()["adapters"].as_array().expect("adapters") {
@@ -201,51 +237,27 @@ fn both_formats_read_the_same_modules() {
 #[test]
 fn fused_weights_match_diffusers_and_removal_is_exact() {
     let g = goldens(GOLDENS);
-    let fuse = lora_manifest()["fuse"].clone();
-    let adapter = fuse["adapter"].as_str().expect("fuse adapter");
-    let scale = fuse["lora_scale"].as_f64().expect("lora_scale");
-    let mut base = load_base();
+    let fuse = FuseCase::from_manifest();
+    let mut base = base_model();
     let original = snapshot(&mut base);
     let mut p = Parity::new();
     let mut merged_by_format = Vec::new();
     for (fmt, _) in FORMATS {
         let loras = load_adapters(fmt);
-        let modules = fuse["modules"].as_array().expect("fuse modules");
-        for m in modules {
-            let (c, module) = (
-                component(m["component"].as_str().unwrap()),
-                m["module"].as_str().unwrap(),
-            );
-            let name = format!("{}.weight_orig", m["golden"].as_str().unwrap());
-            p.check(
-                &format!("{fmt}: {name}"),
-                &weight_of(&mut base, c, module),
-                golden(&g, &name),
-            );
+        for (prefix, w) in fuse.module_weights(&mut base) {
+            let name = format!("{prefix}.weight_orig");
+            p.check(&format!("{fmt}: {name}"), &w, golden(&g, &name));
         }
-        let applied = base
-            .apply_loras(&[LoraSpec {
-                lora: &loras[adapter],
-                scale,
-            }])
-            .unwrap();
+        let applied = base.apply_loras(&[fuse.spec(&loras)]).unwrap();
         assert_eq!(
             applied.num_layers(),
-            num_modules(adapter),
+            num_modules(&fuse.adapter),
             "{fmt}: merged layers"
         );
         assert!(applied.skipped().is_empty());
-        for m in modules {
-            let (c, module) = (
-                component(m["component"].as_str().unwrap()),
-                m["module"].as_str().unwrap(),
-            );
-            let name = format!("{}.weight_fused", m["golden"].as_str().unwrap());
-            p.check(
-                &format!("{fmt}: {name}"),
-                &weight_of(&mut base, c, module),
-                golden(&g, &name),
-            );
+        for (prefix, w) in fuse.module_weights(&mut base) {
+            let name = format!("{prefix}.weight_fused");
+            p.check(&format!("{fmt}: {name}"), &w, golden(&g, &name));
         }
         merged_by_format.push(snapshot(&mut base));
         base.remove_loras(&applied).unwrap();
@@ -278,116 +290,26 @@ fn merging_keeps_half_precision_models_in_their_dtype() {
     // Tolerances: the weights (< 1) are rounded at load and again after merging, so up to one
     // ulp of the format (f16 4.9e-4, bf16 3.9e-3 just below 1), with margin.
     let g = goldens(GOLDENS);
-    let fuse = lora_manifest()["fuse"].clone();
-    let adapter = fuse["adapter"].as_str().expect("fuse adapter");
-    let scale = fuse["lora_scale"].as_f64().expect("lora_scale");
+    let fuse = FuseCase::from_manifest();
     let loras = load_adapters("kohya");
     for (dtype, tol) in [(DType::F16, 1e-3), (DType::BF16, 8e-3)] {
         let options = LoadOptions {
             dtype,
             ..LoadOptions::default()
         };
-        let mut base = SdxlModel::load(&common::base_dir(), &options).expect("base loads");
+        let mut base = load_model(&common::base_dir(), &options);
         let original = snapshot(&mut base);
-        let applied = base
-            .apply_loras(&[LoraSpec {
-                lora: &loras[adapter],
-                scale,
-            }])
-            .unwrap();
+        let applied = base.apply_loras(&[fuse.spec(&loras)]).unwrap();
         let mut p = Parity::with_tolerance(tol);
-        for m in fuse["modules"].as_array().expect("fuse modules") {
-            let c = component(m["component"].as_str().unwrap());
-            let w = weight_of(&mut base, c, m["module"].as_str().unwrap());
+        for (prefix, w) in fuse.module_weights(&mut base) {
             assert_eq!(w.dtype(), dtype);
-            let name = format!("{}.weight_fused", m["golden"].as_str().unwrap());
+            let name = format!("{prefix}.weight_fused");
             p.check(&format!("{dtype:?}: {name}"), &w, golden(&g, &name));
         }
         p.finish();
         base.remove_loras(&applied).unwrap();
         assert_unchanged(&mut base, &original, &format!("{dtype:?}: after removal"));
     }
-}
-
-/// Records the tensors of every denoising step (the `pipeline_t2i` recorder, reduced).
-#[derive(Default)]
-struct Recorder {
-    steps: Vec<HashMap<&'static str, Tensor>>,
-    timesteps: Vec<f64>,
-    conditioning: Option<HashMap<&'static str, Tensor>>,
-}
-
-impl StepObserver for Recorder {
-    fn wants_tensors(&self) -> bool {
-        true
-    }
-
-    fn on_tensors(&mut self, t: &StepTensors<'_>) {
-        self.timesteps.push(t.timestep);
-        self.steps.push(HashMap::from([
-            ("unet_sample", t.model_input.clone()),
-            ("unet_out", t.model_output.clone()),
-            ("step_model_output", t.guided_output.clone()),
-            ("step_sample", t.sample.clone()),
-            ("step_prev_sample", t.prev_sample.clone()),
-        ]));
-        let c = t.conditioning;
-        self.conditioning.get_or_insert_with(|| {
-            HashMap::from([
-                ("encoder_hidden_states", c.encoder_hidden_states.clone()),
-                ("text_embeds", c.text_embeds.clone()),
-                ("time_ids", c.time_ids.clone()),
-            ])
-        });
-    }
-}
-
-impl Recorder {
-    /// Our value of a recorded golden `loop.<key>` or `unet.<key>`.
-    fn value(&self, group: &str, key: &str) -> Tensor {
-        match group {
-            "loop" if key == "timesteps" => {
-                Tensor::new(self.timesteps.as_slice(), &Device::Cpu).unwrap()
-            }
-            "loop" => {
-                let steps: Vec<Tensor> = self
-                    .steps
-                    .iter()
-                    .map(|s| {
-                        s.get(key)
-                            .unwrap_or_else(|| panic!("no loop.{key}"))
-                            .clone()
-                    })
-                    .collect();
-                Tensor::stack(&steps, 0).unwrap()
-            }
-            "unet" => self.conditioning.as_ref().expect("a step ran")[key].clone(),
-            _ => panic!("unknown group {group}"),
-        }
-    }
-}
-
-fn prompts_from(kw: &Value) -> Prompts {
-    let s = |k: &str| kw[k].as_str().map(str::to_string);
-    Prompts {
-        prompt: s("prompt").unwrap_or_default(),
-        prompt_2: s("prompt_2"),
-        negative_prompt: s("negative_prompt"),
-        negative_prompt_2: s("negative_prompt_2"),
-        ..Prompts::default()
-    }
-}
-
-fn params_from(kw: &Value) -> GenerateParams {
-    let mut p = GenerateParams::new("");
-    p.prompts = prompts_from(kw);
-    p.height = kw["height"].as_u64().expect("height") as usize;
-    p.width = kw["width"].as_u64().expect("width") as usize;
-    p.steps = kw["num_inference_steps"].as_u64().expect("steps") as usize;
-    if let Some(g) = kw["guidance_scale"].as_f64() {
-        p.guidance_scale = g;
-    }
-    p
 }
 
 /// The effective scale of each LoRA of a case, as diffusers combines them: the adapter weight
@@ -415,30 +337,11 @@ fn case_specs<'a>(case: &Value, loras: &'a HashMap<String, LoraWeights>) -> Vec<
         .collect()
 }
 
-/// Compares uint8 images: every value within ±1.
-fn check_u8(name: &str, ours: &[RgbImage], golden: &Tensor) {
-    let g: Vec<u8> = golden.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let o: Vec<u8> = ours.iter().flat_map(|i| i.data.iter().copied()).collect();
-    assert_eq!(o.len(), g.len(), "{name}: size");
-    let worst = o
-        .iter()
-        .zip(&g)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
-    let differing = o.iter().zip(&g).filter(|(a, b)| a != b).count();
-    println!(
-        "{name}: worst |diff| {worst}, {differing} of {} values differ",
-        g.len()
-    );
-    assert!(worst <= 1, "{name}: a value differs by {worst}");
-}
-
 #[test]
 fn text_to_image_with_loras_matches_diffusers() {
     let g = goldens(GOLDENS);
     let entries = index_entries(GOLDENS);
-    let mut base = load_base();
+    let mut base = base_model();
     let original = snapshot(&mut base);
     let mut p = Parity::new();
     let mut images = 0;
@@ -448,14 +351,11 @@ fn text_to_image_with_loras_matches_diffusers() {
             let name = case["case"].as_str().expect("case name");
             let specs = case_specs(case, &loras);
             let applied = base.apply_loras(&specs).unwrap();
-            let params = params_from(&case["kwargs"]);
+            let params = params_from(&case["kwargs"], None);
             let latents_in = golden(&g, &format!("{name}.latents_in"));
             let mut rec = Recorder::default();
-            let control = RunControl {
-                cancel: CancelToken::new(),
-                observer: &mut rec,
-            };
-            let out = text_to_image(&base, &params, Some(latents_in), control).expect("t2i");
+            let out =
+                text_to_image(&base, &params, Some(latents_in), observed(&mut rec)).expect("t2i");
             let prefix = format!("{name}.");
             for e in &entries {
                 let gname = e["name"].as_str().expect("golden name");
@@ -504,7 +404,7 @@ fn text_to_image_with_loras_matches_diffusers() {
 fn encode_prompt_with_lora_matches_diffusers() {
     let g = goldens(GOLDENS);
     let entries = index_entries(GOLDENS);
-    let mut base = load_base();
+    let mut base = base_model();
     let mut p = Parity::new();
     for (fmt, _) in FORMATS {
         let loras = load_adapters(fmt);
@@ -522,16 +422,9 @@ fn encode_prompt_with_lora_matches_diffusers() {
                 })
                 .collect();
             let applied = base.apply_loras(&specs).unwrap();
-            let e = encode_prompt(&base, &prompts_from(&case["kwargs"])).expect("encode_prompt");
-            let ours = HashMap::from([
-                ("prompt_embeds", &e.prompt_embeds),
-                ("negative_prompt_embeds", &e.negative_prompt_embeds),
-                ("pooled_prompt_embeds", &e.pooled_prompt_embeds),
-                (
-                    "negative_pooled_prompt_embeds",
-                    &e.negative_pooled_prompt_embeds,
-                ),
-            ]);
+            let e =
+                encode_prompt(&base, &diffusers_prompts(&case["kwargs"])).expect("encode_prompt");
+            let ours = HashMap::from(embeds_by_name(&e));
             let prefix = format!("{name}.");
             for entry in &entries {
                 let gname = entry["name"].as_str().expect("golden name");
@@ -574,11 +467,17 @@ fn edited(lora: &LoraWeights, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -
 
 #[test]
 fn unknown_modules_are_refused_or_skipped() {
-    let mut base = load_base();
+    let mut base = base_model();
     let original = snapshot(&mut base);
     let lora = adapter_with_text_encoders("kohya");
     let bad = edited(&lora, |t| {
-        let any = t.values().next().unwrap().clone();
+        // A real module's matrix (a scalar `alpha` would be refused for its shape instead).
+        let any = t
+            .iter()
+            .filter(|(k, _)| k.ends_with(".lora_down.weight"))
+            .min_by_key(|(k, _)| k.as_str())
+            .map(|(_, v)| v.clone())
+            .expect("a lora_down weight");
         t.insert("lora_unet_not_a_layer.lora_down.weight".into(), any.clone());
         t.insert("lora_unet_not_a_layer.lora_up.weight".into(), any.clone());
         t.insert("lora_unet_input_blocks_4_1_proj_in.hada_w1_a".into(), any);
@@ -606,7 +505,7 @@ fn unknown_modules_are_refused_or_skipped() {
 
 #[test]
 fn misshapen_lora_fails_without_partial_state() {
-    let mut base = load_base();
+    let mut base = base_model();
     let original = snapshot(&mut base);
     for (fmt, _) in FORMATS {
         let lora = adapter_with_text_encoders(fmt);
@@ -658,7 +557,7 @@ fn misshapen_lora_fails_without_partial_state() {
 
 #[test]
 fn base_lora_on_the_refiner_is_refused() {
-    let mut refiner = load_refiner();
+    let mut refiner = refiner_model();
     let original = snapshot(&mut refiner);
     for (fmt, _) in FORMATS {
         let lora = adapter_with_text_encoders(fmt);
@@ -682,7 +581,7 @@ fn base_lora_on_the_refiner_is_refused() {
 
 #[test]
 fn loras_are_removed_last_in_first_out() {
-    let mut base = load_base();
+    let mut base = base_model();
     let original = snapshot(&mut base);
     let loras = load_adapters("diffusers");
     let mut names: Vec<&String> = loras.keys().collect();
@@ -746,7 +645,7 @@ fn reference_delta(up: &Tensor, down: &Tensor) -> Vec<f64> {
 fn conv_and_resnet_loras_merge_in_both_formats() {
     // A LoRA on every UNet layer that is not in a transformer (convolutions 3x3 and 1x1,
     // resnets' time_emb_proj, resamplers, time embeddings), in both layouts, with an alpha.
-    let mut base = load_base();
+    let mut base = base_model();
     let original = snapshot(&mut base);
     let layout = SgmUnetLayout::of(&base.unet);
     let (rank, alpha, scale) = (2usize, 3.0f64, 0.6f64);
@@ -770,7 +669,8 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
     );
     let mut kohya = HashMap::new();
     let mut diffusers = HashMap::new();
-    let mut expected = HashMap::new();
+    // Ordered, so that the worst layer printed below is the same on every run.
+    let mut expected = BTreeMap::new();
     for (i, (name, dims)) in targets.iter().enumerate() {
         let mut down_dims = vec![rank];
         down_dims.extend_from_slice(&dims[1..]);

@@ -9,20 +9,20 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, D};
-use common::{flat_f64, golden, goldens, manifest, Parity};
+use common::replay::{embeds_by_name, encode_prompt_cases, observed, prompt_texts};
+use common::{
+    base_model, flat_f64, golden, goldens, load_model, manifest, max_abs_diff, refiner_model,
+    Parity,
+};
 use sdxl_core::pipeline::prompt::LongPrompts;
 use sdxl_core::pipeline::{
-    decode_latents, encode_prompt, text_to_image, CancelToken, GenerateParams, LoadOptions,
-    Prompts, RunControl, SdxlModel, StepObserver, StepTensors,
+    decode_latents, encode_prompt, text_to_image, GenerateParams, LoadOptions, Prompts, SdxlModel,
+    StepObserver, StepTensors,
 };
 use sdxl_core::text::clip::ClipTextModel;
 use sdxl_core::text::tokenizer::ClipTokenizer;
 use sdxl_core::text::weighting::{prompt_chunks, TokenChunk, COMMA_BACKTRACK};
 use serde_json::Value;
-
-fn load(dir: &std::path::Path) -> SdxlModel {
-    SdxlModel::load(dir, &LoadOptions::default()).expect("fixture model loads")
-}
 
 /// The model's tokenizer/encoder pairs in concatenation order.
 fn pairs(model: &SdxlModel) -> Vec<&(ClipTokenizer, ClipTextModel)> {
@@ -42,9 +42,9 @@ fn window(tok: &ClipTokenizer) -> usize {
 /// Every distinct non-empty prompt text of the manifest's `encode_prompt_cases`.
 fn manifest_prompts() -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for case in manifest()["encode_prompt_cases"].as_array().expect("cases") {
+    for case in encode_prompt_cases() {
         for key in ["prompt", "prompt_2", "negative_prompt", "negative_prompt_2"] {
-            if let Some(p) = case["kwargs"][key].as_str() {
+            if let Some(p) = case.kwargs[key].as_str() {
                 if !p.is_empty() && !out.iter().any(|q| q == p) {
                     out.push(p.to_string());
                 }
@@ -103,7 +103,7 @@ fn content_of(tok: &ClipTokenizer, chunk: &TokenChunk) -> Vec<u32> {
 
 #[test]
 fn long_prompt_windows_follow_the_layout_rules() {
-    let base = load(&common::base_dir());
+    let base = base_model();
     for (tok, _) in pairs(&base) {
         let n = window(tok);
         let comma = single_token(tok, ",");
@@ -147,7 +147,7 @@ fn long_prompt_windows_follow_the_layout_rules() {
 
 #[test]
 fn windows_split_exactly_at_size_comma_and_break() {
-    let base = load(&common::base_dir());
+    let base = base_model();
     for (tok, _) in pairs(&base) {
         let n = window(tok);
         let a = single_token(tok, "a");
@@ -236,40 +236,21 @@ fn windows_split_exactly_at_size_comma_and_break() {
 #[test]
 fn plain_prompts_give_the_diffusers_embeddings_by_default() {
     let g = goldens("goldens/encode_prompt.safetensors");
-    let base = load(&common::base_dir());
-    let refiner = load(&common::refiner_dir());
+    let base = base_model();
+    let refiner = refiner_model();
     let mut p = Parity::new();
-    for case in manifest()["encode_prompt_cases"].as_array().expect("cases") {
-        let name = case["case"].as_str().expect("case name");
-        let model = if name.starts_with("refiner") {
-            &refiner
-        } else {
-            &base
-        };
-        let kw = &case["kwargs"];
-        let text = |k: &str| kw[k].as_str().map(str::to_string);
-        let prompts = Prompts {
-            prompt: text("prompt").unwrap_or_default(),
-            prompt_2: text("prompt_2"),
-            negative_prompt: text("negative_prompt"),
-            negative_prompt_2: text("negative_prompt_2"),
-            ..Prompts::default()
-        };
+    for case in encode_prompt_cases() {
+        let name = &case.name;
+        let model = case.model(&base, &refiner);
+        // Our defaults (weighting on, long prompts chunked), not a replay of diffusers' call.
+        let prompts = prompt_texts(&case.kwargs);
         let e = encode_prompt(model, &prompts).expect("encode_prompt");
         let window_len = pairs(model)[0].0.max_length();
         let k = e.prompt_embeds.dim(1).unwrap() / window_len;
         assert_eq!(e.prompt_embeds.dims(), e.negative_prompt_embeds.dims());
         let gname = |key: &str| format!("{name}.{key}");
         if k == 1 {
-            for (key, t) in [
-                ("prompt_embeds", &e.prompt_embeds),
-                ("negative_prompt_embeds", &e.negative_prompt_embeds),
-                ("pooled_prompt_embeds", &e.pooled_prompt_embeds),
-                (
-                    "negative_pooled_prompt_embeds",
-                    &e.negative_pooled_prompt_embeds,
-                ),
-            ] {
+            for (key, t) in embeds_by_name(&e) {
                 p.check(&gname(key), t, golden(&g, &gname(key)));
             }
             continue;
@@ -331,7 +312,7 @@ fn expected_weighting(z: &Tensor, weights: &[f32]) -> Tensor {
 
 #[test]
 fn weights_scale_tokens_and_restore_the_mean() {
-    let base = load(&common::base_dir());
+    let base = base_model();
     let plain = manifest_prompts()
         .into_iter()
         .find(|p| p.split(' ').count() >= 4)
@@ -423,8 +404,8 @@ fn encode_alone(enc: &ClipTextModel, chunk: &TokenChunk) -> (Tensor, Option<Tens
 
 #[test]
 fn long_prompts_concatenate_windows_and_pad_the_other_side() {
-    let base = load(&common::base_dir());
-    let refiner = load(&common::refiner_dir());
+    let base = base_model();
+    let refiner = refiner_model();
     let short = manifest_prompts()
         .into_iter()
         .min_by_key(|p| p.len())
@@ -526,7 +507,7 @@ impl StepObserver for ContextShape {
 
 #[test]
 fn long_weighted_prompt_generates_end_to_end() {
-    let base = load(&common::base_dir());
+    let base = base_model();
     let m = manifest();
     let case: &Value = &m["t2i"].as_array().expect("t2i cases")[0];
     let kw = &case["kwargs"];
@@ -547,16 +528,8 @@ fn long_weighted_prompt_generates_end_to_end() {
         params.guidance_scale = kw["guidance_scale"].as_f64().unwrap();
         params.seed = case["latents_seed"].as_u64().unwrap();
         let mut shape = ContextShape::default();
-        let latents = text_to_image(
-            &base,
-            &params,
-            None,
-            RunControl {
-                cancel: CancelToken::new(),
-                observer: &mut shape,
-            },
-        )
-        .expect("text to image");
+        let latents =
+            text_to_image(&base, &params, None, observed(&mut shape)).expect("text to image");
         (latents, shape.0.expect("a step ran"), params)
     };
     let (latents, context, params) = run(true);
@@ -592,14 +565,7 @@ fn long_weighted_prompt_generates_end_to_end() {
 
     // Literal text (weighting off) is a different conditioning, so a different result.
     let (literal, _, _) = run(false);
-    let diff = (latents - literal)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&latents, &literal);
     println!("max |weighted - literal| latents: {diff:.3e}");
     assert!(diff > 0.0);
 }
@@ -607,15 +573,14 @@ fn long_weighted_prompt_generates_end_to_end() {
 #[test]
 fn weighted_long_prompts_keep_the_model_dtype() {
     let dir = common::base_dir();
-    let f32_model = load(&dir);
-    let f16_model = SdxlModel::load(
+    let f32_model = load_model(&dir, &LoadOptions::default());
+    let f16_model = load_model(
         &dir,
         &LoadOptions {
             dtype: DType::F16,
             ..LoadOptions::default()
         },
-    )
-    .expect("fixture model loads in f16");
+    );
     let toks: Vec<&ClipTokenizer> = pairs(&f32_model).iter().map(|(t, _)| t).collect();
     let prompt = format!("((detailed:1.4)), [{}]", long_prompt(&toks, 1));
     let prompts = Prompts {

@@ -15,14 +15,16 @@ mod common;
 
 use std::collections::HashSet;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use common::noise::NoiseReplay;
+use common::schedulers::{scheduler_cases, scheduler_config, stack, FakeModel, Trajectory};
 use common::{flat_f64, flat_i64, golden, Parity};
 use sdxl_core::schedulers::euler::EulerDiscrete;
 use sdxl_core::schedulers::euler_ancestral::EulerAncestralDiscrete;
 use sdxl_core::schedulers::heun::HeunDiscrete;
 use sdxl_core::schedulers::kdpm2::KDpm2Discrete;
 use sdxl_core::schedulers::lms::{lms_coefficient, LmsDiscrete};
-use sdxl_core::schedulers::{NoiseSource, Scheduler, SchedulerConfig};
+use sdxl_core::schedulers::{Scheduler, SchedulerConfig};
 use serde_json::Value;
 
 const FILE: &str = "goldens/schedulers.safetensors";
@@ -51,90 +53,6 @@ fn build(class: &str, cfg: &SchedulerConfig) -> Box<dyn Scheduler> {
     }
 }
 
-/// `Cls.from_config(base_scheduler_config, **overrides)`.
-fn config_with(overrides: &Value) -> SchedulerConfig {
-    let path = common::base_dir().join("scheduler/scheduler_config.json");
-    let mut cfg = SchedulerConfig::from_file(&path).unwrap();
-    if let Some(map) = overrides.as_object() {
-        for (k, v) in map {
-            cfg = cfg.with(k, v.clone());
-        }
-    }
-    cfg
-}
-
-/// Manifest cases of our families: (case name, manifest entry).
-fn cases() -> Vec<(String, Value)> {
-    let manifest = common::manifest();
-    let mut out: Vec<(String, Value)> = manifest["schedulers"]
-        .as_object()
-        .expect("manifest has `schedulers`")
-        .iter()
-        .filter(|(_, v)| CLASSES.contains(&v["class"].as_str().unwrap_or("")))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-/// `mo = a * x_in + b * cos(t / period)`, all in float32 as the fixture script computes it.
-struct FakeModel {
-    a: f64,
-    b: f32,
-    period: f32,
-}
-
-impl FakeModel {
-    fn from_index() -> Self {
-        let fm = &common::index()["fake_model"];
-        let get = |k: &str| fm[k].as_f64().unwrap_or_else(|| panic!("fake_model.{k}"));
-        Self {
-            a: get("a"),
-            b: get("b") as f32,
-            period: get("period") as f32,
-        }
-    }
-
-    fn eval(&self, x_in: &Tensor, t: f64) -> Tensor {
-        let c = self.b * ((t as f32) / self.period).cos();
-        x_in.affine(self.a, c as f64).unwrap()
-    }
-}
-
-/// Replays recorded noise draws in order, noting the loop step of each draw.
-struct Replay {
-    draws: Vec<Tensor>,
-    step: usize,
-    draw_steps: Vec<i64>,
-}
-
-impl NoiseSource for Replay {
-    fn randn(
-        &mut self,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> sdxl_core::Result<Tensor> {
-        let k = self.draw_steps.len();
-        let t = self
-            .draws
-            .get(k)
-            .unwrap_or_else(|| panic!("draw {k} requested, only {} recorded", self.draws.len()));
-        assert_eq!(t.dims(), shape, "shape of noise draw {k}");
-        self.draw_steps.push(self.step as i64);
-        Ok(t.to_dtype(dtype)?.to_device(device)?)
-    }
-}
-
-/// The `[k, ...]` slices of a stacked golden.
-fn unstack(t: &Tensor) -> Vec<Tensor> {
-    (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect()
-}
-
-fn stack(ts: &[Tensor]) -> Tensor {
-    Tensor::stack(ts, 0).unwrap()
-}
-
 fn f64_tensor(v: &[f64]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap()
 }
@@ -161,17 +79,12 @@ fn sigma_schedulers_match_diffusers_trajectories() {
     let x_init = golden(&g, "x_init");
     let fake = FakeModel::from_index();
     let mut p = Parity::new();
-    let cases = cases();
-    assert!(
-        !cases.is_empty(),
-        "no sigma-scheduler case in manifest.json"
-    );
-    for (case, entry) in &cases {
+    for (case, entry) in &scheduler_cases(&CLASSES) {
         let class = entry["class"].as_str().unwrap();
         let has = |suffix: &str| names.contains(&format!("{case}.{suffix}"));
         let gold = |suffix: &str| golden(&g, &format!("{case}.{suffix}"));
         println!("-- {case} ({class}, overrides {})", entry["overrides"]);
-        let mut s = build(class, &config_with(&entry["overrides"]));
+        let mut s = build(class, &scheduler_config(&entry["overrides"]));
         let steps = entry["num_inference_steps"].as_u64().unwrap() as usize;
         s.set_timesteps(steps).unwrap();
         s.set_begin_index(0);
@@ -207,61 +120,37 @@ fn sigma_schedulers_match_diffusers_trajectories() {
             gold("init_noise_sigma"),
         );
 
-        let mut noise = Replay {
-            draws: if has("noise") {
-                unstack(gold("noise"))
-            } else {
-                Vec::new()
-            },
-            step: 0,
-            draw_steps: Vec::new(),
-        };
-        let mut sample = x_init.affine(init_sigma, 0.0).unwrap();
-        let (mut xs_in, mut mos, mut prevs, mut origs) = (vec![], vec![], vec![], vec![]);
-        let timesteps = s.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let x_in = s.scale_model_input(&sample, t).unwrap();
-            let mo = fake.eval(&x_in, t);
-            noise.step = i;
-            let out = s.step(&mo, t, &sample, &mut noise).unwrap();
-            sample = out.prev_sample.clone();
-            xs_in.push(x_in);
-            mos.push(mo);
-            prevs.push(out.prev_sample);
-            origs.extend(out.pred_original_sample);
-        }
+        let mut noise = NoiseReplay::stacked(has("noise").then(|| gold("noise")));
+        let run = Trajectory::run(s.as_mut(), x_init, &fake, &mut noise);
+        let origs: Vec<Tensor> = run.pred_original_sample.into_iter().flatten().collect();
         let check_stack = |p: &mut Parity, suffix: &str, ours: &[Tensor]| {
             if has(suffix) {
                 p.check(&format!("{case}.{suffix}"), &stack(ours), gold(suffix));
             }
         };
-        check_stack(&mut p, "scaled_model_input", &xs_in);
-        check_stack(&mut p, "model_output", &mos);
-        check_stack(&mut p, "prev_sample", &prevs);
+        check_stack(&mut p, "scaled_model_input", &run.scaled_model_input);
+        check_stack(&mut p, "model_output", &run.model_output);
+        check_stack(&mut p, "prev_sample", &run.prev_sample);
         if has("pred_original_sample") {
             assert_eq!(
                 origs.len(),
-                timesteps.len(),
+                run.prev_sample.len(),
                 "{case}: pred_original_sample per step"
             );
             check_stack(&mut p, "pred_original_sample", &origs);
         }
         assert_eq!(
-            noise.draw_steps.len(),
-            noise.draws.len(),
+            noise.used(),
+            noise.recorded(),
             "{case}: number of noise draws"
         );
         if let Some(k) = entry["num_noise_draws"].as_u64() {
-            assert_eq!(
-                noise.draw_steps.len() as u64,
-                k,
-                "{case}: manifest num_noise_draws"
-            );
+            assert_eq!(noise.used() as u64, k, "{case}: manifest num_noise_draws");
         }
         if has("noise_step_index") {
             p.check_exact(
                 &format!("{case}.noise_step_index"),
-                &noise.draw_steps,
+                noise.draw_steps(),
                 &flat_i64(gold("noise_step_index")),
             );
         }
@@ -275,13 +164,9 @@ fn lms_matches_its_derivation() {
     let x_init = golden(&g, "x_init");
     let fake = FakeModel::from_index();
     let mut p = Parity::new();
-    let mut none = Replay {
-        draws: Vec::new(),
-        step: 0,
-        draw_steps: Vec::new(),
-    };
+    let mut none = NoiseReplay::new(Vec::new());
     // Every Euler case doubles as an LMS case: same config, same sigma schedule.
-    let euler_cases: Vec<(String, Value)> = cases()
+    let euler_cases: Vec<(String, Value)> = scheduler_cases(&CLASSES)
         .into_iter()
         .filter(|(_, v)| v["class"] == EULER)
         .collect();
@@ -290,7 +175,7 @@ fn lms_matches_its_derivation() {
         "no EulerDiscrete case to compare LMS with"
     );
     for (case, entry) in &euler_cases {
-        let cfg = config_with(&entry["overrides"]);
+        let cfg = scheduler_config(&entry["overrides"]);
         let steps = entry["num_inference_steps"].as_u64().unwrap() as usize;
         let mut euler = EulerDiscrete::from_config(&cfg).unwrap();
         let mut lms = LmsDiscrete::from_config(&cfg).unwrap();
@@ -358,12 +243,12 @@ fn add_noise_uses_the_begin_sigma() {
     let x_init = golden(&g, "x_init");
     let mut p = Parity::new();
     let mut seen = HashSet::new();
-    for (case, entry) in cases() {
+    for (case, entry) in scheduler_cases(&CLASSES) {
         let class = entry["class"].as_str().unwrap().to_string();
         if !seen.insert(class.clone()) {
             continue;
         }
-        let mut s = build(&class, &config_with(&entry["overrides"]));
+        let mut s = build(&class, &scheduler_config(&entry["overrides"]));
         let steps = entry["num_inference_steps"].as_u64().unwrap() as usize;
         s.set_timesteps(steps).unwrap();
         let begin = s.timesteps().len() / 2;

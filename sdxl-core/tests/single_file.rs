@@ -18,6 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::replay::{diffusers_prompts, embeds_by_name, encode_prompt_cases, t2i_case_params};
 use common::{golden, goldens, manifest, Parity};
 use sdxl_core::loading::single_file::{
     defaults, SingleFile, SingleFileArchitecture, SingleFileHints, TEXT_ENCODER, TEXT_ENCODER_2,
@@ -25,8 +26,7 @@ use sdxl_core::loading::single_file::{
 };
 use sdxl_core::loading::{component_weight_files, read_json, SafetensorsFiles, TensorSource};
 use sdxl_core::pipeline::{
-    decode_latents, encode_prompt, text_to_image, GenerateParams, LoadOptions, ModelKind, Prompts,
-    RunControl, SdxlModel,
+    decode_latents, encode_prompt, text_to_image, LoadOptions, ModelKind, RunControl, SdxlModel,
 };
 use sdxl_core::text::clip::ClipTextConfig;
 use sdxl_core::unet::{UNet2DConditionModel, UNetConditioning, UNetConfig};
@@ -365,27 +365,6 @@ fn shipped_tokenizers_match_transformers() {
     p.finish();
 }
 
-fn opt_str(v: &Value) -> Option<String> {
-    v.as_str().map(str::to_string)
-}
-
-fn pair(v: &Value) -> Option<(usize, usize)> {
-    let a = v.as_array()?;
-    Some((a.first()?.as_u64()? as usize, a.get(1)?.as_u64()? as usize))
-}
-
-fn prompts_from(kw: &Value) -> Prompts {
-    Prompts {
-        prompt: kw["prompt"].as_str().unwrap_or_default().to_string(),
-        prompt_2: opt_str(&kw["prompt_2"]),
-        negative_prompt: opt_str(&kw["negative_prompt"]),
-        negative_prompt_2: opt_str(&kw["negative_prompt_2"]),
-        // Replaying diffusers: no weighting syntax, and long prompts are truncated.
-        weighting: false,
-        long_prompts: sdxl_core::pipeline::LongPrompts::Truncate,
-    }
-}
-
 #[test]
 fn encode_prompt_matches_diffusers() {
     let g = goldens("goldens/encode_prompt.safetensors");
@@ -395,25 +374,11 @@ fn encode_prompt_matches_diffusers() {
         .map(|f| (f.kind, f.load(&options)))
         .collect();
     let mut p = Parity::new();
-    for case in manifest()["encode_prompt_cases"].as_array().expect("cases") {
-        let name = case["case"].as_str().expect("case name");
-        let kind = if name.starts_with("refiner") {
-            ModelKind::Refiner
-        } else {
-            ModelKind::Base
-        };
-        let (_, model) = models.iter().find(|(k, _)| *k == kind).expect("model");
-        let e = encode_prompt(model, &prompts_from(&case["kwargs"])).expect("encode_prompt");
-        for (key, t) in [
-            ("prompt_embeds", &e.prompt_embeds),
-            ("negative_prompt_embeds", &e.negative_prompt_embeds),
-            ("pooled_prompt_embeds", &e.pooled_prompt_embeds),
-            (
-                "negative_pooled_prompt_embeds",
-                &e.negative_pooled_prompt_embeds,
-            ),
-        ] {
-            let gname = format!("{name}.{key}");
+    for case in encode_prompt_cases() {
+        let (_, model) = models.iter().find(|(k, _)| *k == case.kind).expect("model");
+        let e = encode_prompt(model, &diffusers_prompts(&case.kwargs)).expect("encode_prompt");
+        for (key, t) in embeds_by_name(&e) {
+            let gname = format!("{}.{key}", case.name);
             p.check(&format!("single file {gname}"), t, golden(&g, &gname));
         }
     }
@@ -513,32 +478,7 @@ fn text_to_image_matches_diffusers() {
     assert!(!cases.is_empty());
     for case in cases {
         let name = case["case"].as_str().expect("case name");
-        let kw = &case["kwargs"];
-        let mut params = GenerateParams::new("");
-        params.prompts = prompts_from(kw);
-        params.height = kw["height"].as_u64().expect("height") as usize;
-        params.width = kw["width"].as_u64().expect("width") as usize;
-        params.steps = kw["num_inference_steps"].as_u64().expect("steps") as usize;
-        if let Some(v) = kw["guidance_scale"].as_f64() {
-            params.guidance_scale = v;
-        }
-        if let Some(v) = kw["guidance_rescale"].as_f64() {
-            params.guidance_rescale = v;
-        }
-        params.micro.original_size = pair(&kw["original_size"]);
-        if let Some(c) = pair(&kw["crops_coords_top_left"]) {
-            params.micro.crops_coords_top_left = c;
-        }
-        params.micro.target_size = pair(&kw["target_size"]);
-        if let Some([class, overrides]) = case["scheduler_swap"].as_array().map(Vec::as_slice) {
-            params
-                .scheduler
-                .overrides
-                .insert("_class_name".into(), class.clone());
-            if let Some(o) = overrides.as_object() {
-                params.scheduler.overrides.extend(o.clone());
-            }
-        }
+        let params = t2i_case_params(&case);
         let latents_in = golden(&g, &format!("{name}.latents_in"));
         let out = text_to_image(&base, &params, Some(latents_in), RunControl::none())
             .expect("text_to_image");

@@ -1,13 +1,21 @@
 //! Shared helpers for the parity tests: finding the fixtures, discovering cases from
 //! `index.json`/`manifest.json`, loading golden tensors and comparing with a stated tolerance.
 //!
+//! Replaying recorded diffusers calls: [`replay`] (pipeline kwargs, step recorder, image
+//! check), [`noise`] (recorded noise draws) and [`schedulers`] (scheduler cases, fake model).
+//!
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod noise;
+pub mod replay;
+pub mod schedulers;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use sdxl_core::pipeline::{LoadOptions, SdxlModel};
 use serde_json::Value;
 
 /// The fixture root: `$SDXL_FIXTURES`, or `../shared/reference/fixtures` relative to the
@@ -82,6 +90,21 @@ pub fn base_dir() -> PathBuf {
 /// The refiner model folder (`model_index.json` with `requires_aesthetics_score: true`).
 pub fn refiner_dir() -> PathBuf {
     model_dir("StableDiffusionXLImg2ImgPipeline")
+}
+
+/// Loads a fixture model folder with `options`, panicking with the folder and the error.
+pub fn load_model(dir: &Path, options: &LoadOptions) -> SdxlModel {
+    SdxlModel::load(dir, options).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// The base fixture model with the default options (f32 on the CPU).
+pub fn base_model() -> SdxlModel {
+    load_model(&base_dir(), &LoadOptions::default())
+}
+
+/// The refiner fixture model with the default options (f32 on the CPU).
+pub fn refiner_model() -> SdxlModel {
+    load_model(&refiner_dir(), &LoadOptions::default())
 }
 
 fn model_dir(class: &str) -> PathBuf {
@@ -235,6 +258,15 @@ pub fn flat_f64(t: &Tensor) -> Vec<f64> {
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f64>())
         .expect("tensor converts to f64")
+}
+
+/// max |a - b| over all values (f32 tensors of one shape).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("f32 tensors of one shape")
 }
 
 /// A tensor's values as i64, flattened.
