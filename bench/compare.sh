@@ -5,6 +5,7 @@
 # row (joined on component, op, dtype, shape) with the GFLOP/s and peak RSS of both.
 #
 #   bench/compare.sh [--model DIR] [--refiner DIR] [--out DIR] [bench flags …]
+#   bench/compare.sh --join DIR      # only print the table of DIR/{ours,torch}.jsonl
 #
 # Bench flags are passed to both sides: --components --dtypes --refiner-dtypes --unet-sizes
 # --refiner-sizes --vae-sizes --vae-encode-px --matmul-sizes --batch --repeats --warmup
@@ -27,6 +28,7 @@ SDXL_FULL=${SDXL_FULL:-../full}
 MODEL=$SDXL_FULL/base-diffusers
 REFINER=""
 OUT=""
+JOIN=""
 COMPONENTS=""
 COMMON=()
 OURS_ONLY=()
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
         --model) MODEL=$value ;;
         --refiner) REFINER=$value ;;
         --out) OUT=$value ;;
+        --join) JOIN=$value ;;
         --components) COMPONENTS=$value ;;
         --pipeline-px|--pipeline-steps) OURS_ONLY+=("$flag" "$value") ;;
         *) COMMON+=("$flag" "$value") ;;
@@ -53,13 +56,6 @@ if [ -z "$COMPONENTS" ]; then
     COMPONENTS=unet,vae,text_encoder,text_encoder_2
     [ -n "$REFINER" ] && COMPONENTS=$COMPONENTS,refiner_unet
 fi
-OUT=${OUT:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT"
-OURS_JSONL=$OUT/ours.jsonl
-TORCH_JSONL=$OUT/torch.jsonl
-: >"$OURS_JSONL"
-: >"$TORCH_JSONL"
-
 # Busy CPU ticks of the whole machine (/proc/stat minus idle and iowait).
 busy_ticks() {
     local _ user nice system idle iowait rest
@@ -79,6 +75,79 @@ wait_quiet() {
         waited=$((waited + 2))
     done
 }
+
+# Prints the joined table of an ours.jsonl and a torch.jsonl.
+join_table() {
+    "$PY" - "$1" "$2" <<'PYEOF'
+import json, sys
+
+def rows(path):
+    out, machine = {}, None
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("kind") == "machine":
+            machine = machine or r
+        if r.get("kind") in ("measure", "error") and "op" in r:
+            out[(r["component"], r["op"], r["dtype"], r["shape"])] = r
+    return out, machine
+
+ours, m_ours = rows(sys.argv[1])
+torch, m_torch = rows(sys.argv[2])
+for name, m in (("ours", m_ours), ("torch", m_torch)):
+    if m:
+        print(f"{name}: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, "
+              f"threads {m.get('threads', m.get('torch_threads'))}, load {m.get('loadavg_1m')}, "
+              f"{m.get('time', '')}")
+print()
+head = ("component", "op", "dtype", "shape", "ours s", "torch s", "ours/torch",
+        "CPU-s ours/torch", "GFLOP", "ours GFLOP/s", "torch GFLOP/s", "ours RSS", "torch RSS",
+        "cores own/others ours", "torch", "note")
+print("| " + " | ".join(head) + " |")
+print("|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|")
+
+def fmt(v, d):
+    return "-" if v is None else f"{v:.{d}f}"
+
+def ok(r):
+    return r if r and r["kind"] == "measure" else {}
+
+for key in list(ours) + [k for k in torch if k not in ours]:
+    o, t = ours.get(key), torch.get(key)
+    om, tm = ok(o).get("median_s"), ok(t).get("median_s")
+    # CPU seconds per run (median x cores this process kept busy): fairer than wall time when
+    # the two sides got different shares of a contended machine.
+    oc, tc = ok(o).get("own_cores"), ok(t).get("own_cores")
+    g_o, g_t = ok(o).get("gflop"), ok(t).get("gflop")
+    notes = [f"{n} error: {r['error']}" for n, r in (("ours", o), ("torch", t))
+             if r and r["kind"] == "error"]
+    if g_o and g_t and abs(g_o - g_t) > 0.005 * g_t:
+        notes.append(f"GFLOP differ: torch {g_t:.1f}")
+    cores = lambda r: "-" if "own_cores" not in r else f"{fmt(r['own_cores'], 2)}/{fmt(r['others_cores'], 2)}"
+    cells = list(key) + [
+        fmt(om, 3), fmt(tm, 3),
+        fmt(om / tm if om and tm else None, 2),
+        fmt((om * oc) / (tm * tc) if om and tm and oc and tc else None, 2),
+        fmt(g_o if g_o is not None else g_t, 1),
+        fmt(ok(o).get("gflops_per_s_median"), 0), fmt(ok(t).get("gflops_per_s_median"), 0),
+        fmt(ok(o).get("peak_rss_gib"), 2), fmt(ok(t).get("peak_rss_gib"), 2),
+        cores(ok(o)), cores(ok(t)), "; ".join(notes)]
+    print("| " + " | ".join(cells) + " |")
+print("\nours/torch > 1: ours is slower (wall time; CPU-s: median x own cores, i.e. per CPU "
+      "second used). RSS: peak GiB over warm-up and timed runs, weights included.")
+PYEOF
+}
+
+if [ -n "$JOIN" ]; then
+    join_table "$JOIN/ours.jsonl" "$JOIN/torch.jsonl"
+    exit
+fi
+
+OUT=${OUT:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+OURS_JSONL=$OUT/ours.jsonl
+TORCH_JSONL=$OUT/torch.jsonl
+: >"$OURS_JSONL"
+: >"$TORCH_JSONL"
 
 MODEL_FLAGS=(--model "$MODEL")
 [ -n "$REFINER" ] && MODEL_FLAGS+=(--refiner "$REFINER")
@@ -102,58 +171,5 @@ for c in "${LIST[@]}"; do
         || echo "{\"kind\": \"error\", \"component\": \"$c\", \"error\": \"torch_baseline.py exited with an error\"}" >>"$TORCH_JSONL"
 done
 
-"$PY" - "$OURS_JSONL" "$TORCH_JSONL" <<'EOF'
-import json, sys
-
-def rows(path):
-    out, machine = {}, None
-    for line in open(path):
-        r = json.loads(line)
-        if r.get("kind") == "machine":
-            machine = machine or r
-        if r.get("kind") in ("measure", "error") and "op" in r:
-            out[(r["component"], r["op"], r["dtype"], r["shape"])] = r
-    return out, machine
-
-ours, m_ours = rows(sys.argv[1])
-torch, m_torch = rows(sys.argv[2])
-for name, m in (("ours", m_ours), ("torch", m_torch)):
-    if m:
-        print(f"{name}: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, "
-              f"threads {m.get('threads', m.get('torch_threads'))}, load {m.get('loadavg_1m')}")
-print()
-head = ("component", "op", "dtype", "shape", "ours s", "torch s", "ours/torch", "GFLOP",
-        "ours GF/s", "torch GF/s", "ours RSS", "torch RSS", "own/others ours", "torch")
-print("| " + " | ".join(head) + " |")
-print("|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|")
-
-def fmt(v, d):
-    return "-" if v is None else f"{v:.{d}f}"
-
-def cores(r):
-    if r is None or "own_cores" not in r:
-        return "-"
-    return f"{fmt(r.get('own_cores'), 2)}/{fmt(r.get('others_cores'), 2)}"
-
-for key in list(ours) + [k for k in torch if k not in ours]:
-    o, t = ours.get(key), torch.get(key)
-    cells = list(key)
-    if (o and o["kind"] == "error") or (t and t["kind"] == "error"):
-        msg = "; ".join(f"{n}: {r['error']}" for n, r in (("ours", o), ("torch", t))
-                        if r and r["kind"] == "error")
-        print("| " + " | ".join(cells) + f" | {msg} |")
-        continue
-    om, tm = (o or {}).get("median_s"), (t or {}).get("median_s")
-    ratio = om / tm if om and tm else None
-    g_o, g_t = (o or {}).get("gflop"), (t or {}).get("gflop")
-    gflop = fmt(g_o if g_o is not None else g_t, 1)
-    if g_o and g_t and abs(g_o - g_t) > 0.005 * g_t:
-        gflop += f" (torch {g_t:.1f})"
-    cells += [fmt(om, 3), fmt(tm, 3), fmt(ratio, 2), gflop,
-              fmt((o or {}).get("gflops_per_s_median"), 0), fmt((t or {}).get("gflops_per_s_median"), 0),
-              fmt((o or {}).get("peak_rss_gib"), 2), fmt((t or {}).get("peak_rss_gib"), 2),
-              cores(o), cores(t)]
-    print("| " + " | ".join(cells) + " |")
-print("\nours/torch > 1: ours is slower. RSS in GiB (peak over warm-up and timed runs, weights included).")
-EOF
+join_table "$OURS_JSONL" "$TORCH_JSONL"
 echo "raw lines: $OURS_JSONL $TORCH_JSONL" >&2

@@ -57,7 +57,8 @@ pub struct BenchArgs {
     /// Default: all but matmul (refiner_unet only with --refiner).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub components: Option<Vec<Component>>,
-    /// Precisions of every component but the refiner.
+    /// Precisions of every component but the refiner. The `vae` rows run in exactly these
+    /// (unlike `generate`, and the `pipeline` rows, which keep an f16 model's VAE in f32).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,bf16")]
     pub dtypes: Vec<DTypeName>,
     /// Precisions of the refiner UNet.
