@@ -35,7 +35,8 @@ const VAE_DECODE_SEED: u64 = 7;
 const VAE_ENCODE_SEED: u64 = 8;
 const TOKENS_SEED: u64 = 9;
 
-fn s<E: std::fmt::Display>(e: E) -> String {
+/// An error as the message `run` prints.
+fn msg<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
@@ -49,14 +50,17 @@ fn extra(fields: &[(&str, usize)]) -> Map<String, Value> {
 /// The VAE's image/latent factor, from `<dir>/vae/config.json`.
 fn vae_factor(dir: &Path) -> Result<usize, String> {
     let cfg: VaeConfig =
-        read_json(&dir.join("vae").join("config.json"), "VAE config").map_err(s)?;
+        read_json(&dir.join("vae").join("config.json"), "VAE config").map_err(msg)?;
     Ok(cfg.downscale_factor())
 }
 
 /// The time-id layout of a folder: the refiner's (aesthetic score) or the base's.
 fn time_ids_layout(dir: &Path) -> Result<TimeIdsLayout, String> {
     Ok(
-        if ModelIndex::read(dir).map_err(s)?.requires_aesthetics_score {
+        if ModelIndex::read(dir)
+            .map_err(msg)?
+            .requires_aesthetics_score
+        {
             TimeIdsLayout::AestheticScore
         } else {
             TimeIdsLayout::Text2Image
@@ -127,13 +131,13 @@ fn token_ids(
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
             let id = 1 + (state >> 33) % limit.saturating_sub(1).max(1);
-            row.push(u32::try_from(id).map_err(s)?);
+            row.push(u32::try_from(id).map_err(msg)?);
         }
         row.push(tok.eos_id());
         row.resize(seq, tok.pad_id());
         ids.extend(row);
     }
-    Tensor::from_vec(ids, (batch, seq), device).map_err(s)
+    Tensor::from_vec(ids, (batch, seq), device).map_err(msg)
 }
 
 /// FLOPs of one whole text-to-image run: the text encoders (twice when the negative prompt is
@@ -180,7 +184,8 @@ impl Bench<'_> {
             })?;
             for &side in sizes {
                 let (sample, cond) =
-                    unet_inputs(&unet, layout, (batch, side, side * factor), &device).map_err(s)?;
+                    unet_inputs(&unet, layout, (batch, side, side * factor), &device)
+                        .map_err(msg)?;
                 let row = Row {
                     component: c.name(),
                     op: "forward",
@@ -190,7 +195,9 @@ impl Bench<'_> {
                     extra: extra(&[("px", side * factor), ("batch", batch)]),
                 };
                 self.run_row(row, self.runs(), &mut || {
-                    unet.forward(&sample, TIMESTEP, &cond).map(drop).map_err(s)
+                    unet.forward(&sample, TIMESTEP, &cond)
+                        .map(drop)
+                        .map_err(msg)
                 });
             }
         }
@@ -211,7 +218,7 @@ impl Bench<'_> {
                 let shape = [1, cfg.latent_channels, side, side];
                 let z = TorchRng::new(VAE_DECODE_SEED)
                     .randn(&shape, dtype, &device)
-                    .map_err(s)?;
+                    .map_err(msg)?;
                 let row = Row {
                     component: "vae",
                     op: "decode",
@@ -221,7 +228,7 @@ impl Bench<'_> {
                     extra: extra(&[("px", side * factor), ("batch", 1)]),
                 };
                 self.run_row(row, self.runs(), &mut || {
-                    vae.decode(&z).map(drop).map_err(s)
+                    vae.decode(&z).map(drop).map_err(msg)
                 });
             }
             for &px in &args.vae_encode_px {
@@ -229,11 +236,11 @@ impl Bench<'_> {
                 // Image-like values in [-1, 1].
                 let x = TorchRng::new(VAE_ENCODE_SEED)
                     .randn(&shape, DType::F32, &device)
-                    .map_err(s)?
+                    .map_err(msg)?
                     .affine(0.5, 0.0)
                     .and_then(|x| x.clamp(-1f32, 1f32))
                     .and_then(|x| x.to_dtype(dtype))
-                    .map_err(s)?;
+                    .map_err(msg)?;
                 let row = Row {
                     component: "vae",
                     op: "encode",
@@ -243,7 +250,7 @@ impl Bench<'_> {
                     extra: extra(&[("px", px), ("batch", 1)]),
                 };
                 self.run_row(row, self.runs(), &mut || {
-                    vae.encode(&x).map(drop).map_err(s)
+                    vae.encode(&x).map(drop).map_err(msg)
                 });
             }
         }
@@ -257,7 +264,7 @@ impl Bench<'_> {
             Component::TextEncoder => ("text_encoder", "tokenizer"),
             _ => ("text_encoder_2", "tokenizer_2"),
         };
-        let tok = ClipTokenizer::from_dir(&dir.join(tok_sub)).map_err(s)?;
+        let tok = ClipTokenizer::from_dir(&dir.join(tok_sub)).map_err(msg)?;
         let (args, device) = (self.args, self.device.clone());
         let batch = args.batch;
         for &d in &args.dtypes {
@@ -276,7 +283,7 @@ impl Bench<'_> {
                 extra: extra(&[("batch", batch)]),
             };
             self.run_row(row, self.runs(), &mut || {
-                te.forward_with_hidden_states(&ids).map(drop).map_err(s)
+                te.forward_with_hidden_states(&ids).map(drop).map_err(msg)
             });
         }
         Ok(())
@@ -292,7 +299,7 @@ impl Bench<'_> {
         params.width = px;
         params.height = px;
         params.steps = steps;
-        params.validate().map_err(s)?;
+        params.validate().map_err(msg)?;
         for &d in &args.dtypes {
             let (dtype, name) = dtype_names(d);
             let options = LoadOptions {
@@ -313,7 +320,7 @@ impl Bench<'_> {
             self.run_row(row, self.runs(), &mut || {
                 generate(&model, None, &params, RunControl::none())
                     .map(drop)
-                    .map_err(s)
+                    .map_err(msg)
             });
         }
         Ok(())
@@ -346,7 +353,7 @@ pub fn flops_only(args: &BenchArgs, out: &mut Reporter) -> Result<(), String> {
         let Some(dir) = dir else { continue };
         match c {
             Component::Unet | Component::RefinerUnet => {
-                let cfg = UNetConfig::load(&dir.join("unet")).map_err(s)?;
+                let cfg = UNetConfig::load(&dir.join("unet")).map_err(msg)?;
                 let factor = vae_factor(dir)?;
                 let b = args.batch;
                 for &side in &args.flops_sizes {
@@ -357,7 +364,7 @@ pub fn flops_only(args: &BenchArgs, out: &mut Reporter) -> Result<(), String> {
             }
             Component::Vae => {
                 let cfg: VaeConfig =
-                    read_json(&dir.join("vae").join("config.json"), "VAE config").map_err(s)?;
+                    read_json(&dir.join("vae").join("config.json"), "VAE config").map_err(msg)?;
                 let factor = cfg.downscale_factor();
                 for &side in &args.flops_sizes {
                     let (lat, px) = (cfg.latent_channels, side * factor);
@@ -382,7 +389,7 @@ pub fn flops_only(args: &BenchArgs, out: &mut Reporter) -> Result<(), String> {
             Component::TextEncoder | Component::TextEncoder2 => {
                 let sub = c.name();
                 let cfg: ClipTextConfig =
-                    read_json(&dir.join(sub).join("config.json"), "CLIP config").map_err(s)?;
+                    read_json(&dir.join(sub).join("config.json"), "CLIP config").map_err(msg)?;
                 let (b, seq) = (args.batch, cfg.max_position_embeddings);
                 let proj = cfg.declares_projection().unwrap_or(false);
                 let f = flops::clip_forward(&cfg, b, seq, proj);

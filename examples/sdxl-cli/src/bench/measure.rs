@@ -5,6 +5,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 
+/// Shortest span over which CPU shares are reported (5 % resolution at 100 ticks/s).
+const MIN_CORES_WALL_S: f64 = 0.2;
+
 /// Linux's `USER_HZ`: the unit of the CPU times in `/proc/stat` and `/proc/self/stat`.
 const TICKS_PER_SECOND: f64 = 100.0;
 
@@ -79,12 +82,16 @@ impl CpuSnapshot {
         })
     }
 
-    /// `(own cores, others' cores)` between `self` and `later`.
-    fn cores_until(&self, later: &Self) -> (f64, f64) {
-        let wall = later.wall.duration_since(self.wall).as_secs_f64().max(1e-9);
+    /// `(own cores, others' cores)` between `self` and `later`; `None` over less than
+    /// [`MIN_CORES_WALL_S`], where the tick counts are too coarse to mean anything.
+    fn cores_until(&self, later: &Self) -> Option<(f64, f64)> {
+        let wall = later.wall.duration_since(self.wall).as_secs_f64();
+        if wall < MIN_CORES_WALL_S {
+            return None;
+        }
         let own = later.own - self.own;
         let others = (later.machine_busy - self.machine_busy - own).max(0.0);
-        (round2(own / wall), round2(others / wall))
+        Some((round2(own / wall), round2(others / wall)))
     }
 }
 
@@ -118,7 +125,7 @@ pub fn measure(
         .collect::<Result<Vec<_>, _>>()?;
     let cores = before
         .zip(CpuSnapshot::take())
-        .map(|(a, b)| a.cores_until(&b));
+        .and_then(|(a, b)| a.cores_until(&b));
     Ok(Timing {
         times,
         warmup,
