@@ -22,6 +22,10 @@ pub enum Command {
     /// The image is noise-like; the point is the whole path (tokenize, encode, denoise, decode,
     /// PNG).
     Demo(Box<DemoArgs>),
+    /// Time full-size components (UNet, refiner UNet, VAE, text encoders, a whole generation) in
+    /// several precisions: median/min/max seconds, GFLOP/s and peak RSS, as a table or, with
+    /// `--json`, in the JSON lines of `shared/bench/torch_baseline.py`.
+    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// A size given as HEIGHTxWIDTH (diffusers' tuple order).

@@ -2,9 +2,10 @@
 //!
 //! `sdxl generate --model DIR --prompt TEXT --out image.png` runs a diffusers SDXL folder;
 //! `sdxl demo` builds a tiny random-weight SDXL on the fly and runs the same path with no
-//! downloaded weights.
+//! downloaded weights; `sdxl bench --model DIR` times the full-size components.
 
 mod args;
+mod bench;
 mod demo;
 mod png_io;
 mod run;

@@ -65,6 +65,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             let base = SdxlModel::load(dir.path(), &options).map_err(|e| e.to_string())?;
             generate(&base, None, s, (64, 64), "sdxl-demo-random")
         }
+        Command::Bench(args) => crate::bench::run(&args),
     }
 }
 

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Runs our `sdxl bench --json` and PyTorch's `torch_baseline.py` on the same rows (components,
+# shapes, dtypes, repeats, threads), in one go on this machine, one component at a time
+# (ours, then torch's, so that both see the same background load), and prints ours/torch per
+# row (joined on component, op, dtype, shape) with the GFLOP/s and peak RSS of both.
+#
+#   bench/compare.sh [--model DIR] [--refiner DIR] [--out DIR] [bench flags …]
+#   bench/compare.sh --join DIR      # only print the table of DIR/{ours,torch}.jsonl
+#
+# Bench flags are passed to both sides: --components --dtypes --refiner-dtypes --unet-sizes
+# --refiner-sizes --vae-sizes --vae-encode-px --matmul-sizes --batch --repeats --warmup
+# --threads. Ours only: --pipeline-px --pipeline-steps (the `pipeline` row has no torch twin).
+# Environment: PY (a python with torch/diffusers/transformers; default ../venv/bin/python),
+# TORCH_BASELINE (default ../shared/bench/torch_baseline.py), SDXL_FULL (default ../full: the
+# folder holding base-diffusers/ and refiner-diffusers/), TORCH_ARGS (extra torch flags),
+# QUIET_WAIT (before each side of each component, wait up to this many seconds until other
+# processes use under 0.3 cores; default 0). Relative paths are from the repository root.
+#
+# torch builds its weights from the same seed as the saved folders (torch_baseline.py --save),
+# so both sides compute with identical values. The raw lines are kept in --out
+# (default bench/results/<UTC time>/{ours,torch}.jsonl).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PY:-../venv/bin/python}
+TORCH_BASELINE=${TORCH_BASELINE:-../shared/bench/torch_baseline.py}
+SDXL_FULL=${SDXL_FULL:-../full}
+MODEL=$SDXL_FULL/base-diffusers
+REFINER=""
+OUT=""
+JOIN=""
+COMPONENTS=""
+COMMON=()
+OURS_ONLY=()
+
+while [ $# -gt 0 ]; do
+    flag=$1
+    value=""
+    case $flag in
+        --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
+        --*) [ $# -ge 2 ] || { echo "compare.sh: $flag needs a value" >&2; exit 2; }
+             value=$2; shift 2 ;;
+        *) echo "compare.sh: unexpected argument $flag" >&2; exit 2 ;;
+    esac
+    case $flag in
+        --model) MODEL=$value ;;
+        --refiner) REFINER=$value ;;
+        --out) OUT=$value ;;
+        --join) JOIN=$value ;;
+        --components) COMPONENTS=$value ;;
+        --pipeline-px|--pipeline-steps) OURS_ONLY+=("$flag" "$value") ;;
+        *) COMMON+=("$flag" "$value") ;;
+    esac
+done
+if [ -z "$COMPONENTS" ]; then
+    COMPONENTS=unet,vae,text_encoder,text_encoder_2
+    [ -n "$REFINER" ] && COMPONENTS=$COMPONENTS,refiner_unet
+fi
+# Busy CPU ticks of the whole machine (/proc/stat minus idle and iowait).
+busy_ticks() {
+    local _ user nice system idle iowait rest
+    read -r _ user nice system idle iowait rest </proc/stat
+    local sum=$((user + nice + system))
+    for v in $rest; do sum=$((sum + v)); done
+    echo "$sum"
+}
+
+# Waits up to QUIET_WAIT seconds until the machine is nearly idle (nothing of ours runs now).
+wait_quiet() {
+    local waited=0 b0 b1
+    while [ "$waited" -lt "${QUIET_WAIT:-0}" ]; do
+        b0=$(busy_ticks); sleep 2; b1=$(busy_ticks)
+        # USER_HZ = 100: under 0.3 cores over 2 s is under 60 ticks.
+        [ $((b1 - b0)) -lt 60 ] && return
+        waited=$((waited + 2))
+    done
+}
+
+# Prints the joined table of an ours.jsonl and a torch.jsonl.
+join_table() {
+    "$PY" - "$1" "$2" <<'PYEOF'
+import json, sys
+
+def rows(path):
+    out, machine = {}, None
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("kind") == "machine":
+            machine = machine or r
+        if r.get("kind") in ("measure", "error") and "op" in r:
+            out[(r["component"], r["op"], r["dtype"], r["shape"])] = r
+    return out, machine
+
+ours, m_ours = rows(sys.argv[1])
+torch, m_torch = rows(sys.argv[2])
+for name, m in (("ours", m_ours), ("torch", m_torch)):
+    if m:
+        print(f"{name}: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, "
+              f"threads {m.get('threads', m.get('torch_threads'))}, load {m.get('loadavg_1m')}, "
+              f"{m.get('time', '')}")
+print()
+head = ("component", "op", "dtype", "shape", "ours s", "torch s", "ours/torch",
+        "CPU-s ours/torch", "GFLOP", "ours GFLOP/s", "torch GFLOP/s", "ours RSS", "torch RSS",
+        "cores own/others ours", "torch", "note")
+print("| " + " | ".join(head) + " |")
+print("|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|")
+
+def fmt(v, d):
+    return "-" if v is None else f"{v:.{d}f}"
+
+def ok(r):
+    return r if r and r["kind"] == "measure" else {}
+
+for key in list(ours) + [k for k in torch if k not in ours]:
+    o, t = ours.get(key), torch.get(key)
+    om, tm = ok(o).get("median_s"), ok(t).get("median_s")
+    # CPU seconds per run (median x cores this process kept busy): fairer than wall time when
+    # the two sides got different shares of a contended machine.
+    oc, tc = ok(o).get("own_cores"), ok(t).get("own_cores")
+    g_o, g_t = ok(o).get("gflop"), ok(t).get("gflop")
+    notes = [f"{n} error: {r['error']}" for n, r in (("ours", o), ("torch", t))
+             if r and r["kind"] == "error"]
+    if g_o and g_t and abs(g_o - g_t) > 0.005 * g_t:
+        notes.append(f"GFLOP differ: torch {g_t:.1f}")
+    cores = lambda r: "-" if "own_cores" not in r else f"{fmt(r['own_cores'], 2)}/{fmt(r['others_cores'], 2)}"
+    cells = list(key) + [
+        fmt(om, 3), fmt(tm, 3),
+        fmt(om / tm if om and tm else None, 2),
+        fmt((om * oc) / (tm * tc) if om and tm and oc and tc else None, 2),
+        fmt(g_o if g_o is not None else g_t, 1),
+        fmt(ok(o).get("gflops_per_s_median"), 0), fmt(ok(t).get("gflops_per_s_median"), 0),
+        fmt(ok(o).get("peak_rss_gib"), 2), fmt(ok(t).get("peak_rss_gib"), 2),
+        cores(ok(o)), cores(ok(t)), "; ".join(notes)]
+    print("| " + " | ".join(cells) + " |")
+print("\nours/torch > 1: ours is slower (wall time; CPU-s: median x own cores, i.e. per CPU "
+      "second used). RSS: peak GiB over warm-up and timed runs, weights included.")
+PYEOF
+}
+
+if [ -n "$JOIN" ]; then
+    join_table "$JOIN/ours.jsonl" "$JOIN/torch.jsonl"
+    exit
+fi
+
+OUT=${OUT:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+OURS_JSONL=$OUT/ours.jsonl
+TORCH_JSONL=$OUT/torch.jsonl
+: >"$OURS_JSONL"
+: >"$TORCH_JSONL"
+
+MODEL_FLAGS=(--model "$MODEL")
+[ -n "$REFINER" ] && MODEL_FLAGS+=(--refiner "$REFINER")
+
+echo "building sdxl (release)…" >&2
+cargo build --release -q -p sdxl-cli
+
+IFS=, read -r -a LIST <<<"$COMPONENTS"
+for c in "${LIST[@]}"; do
+    wait_quiet
+    echo "== $c: ours" >&2
+    cargo run --release -q -p sdxl-cli -- bench --json "${MODEL_FLAGS[@]}" --components "$c" \
+        ${COMMON[@]+"${COMMON[@]}"} ${OURS_ONLY[@]+"${OURS_ONLY[@]}"} | tee -a "$OURS_JSONL" \
+        || echo "{\"kind\": \"error\", \"component\": \"$c\", \"error\": \"sdxl bench exited with an error\"}" >>"$OURS_JSONL"
+    [ "$c" = pipeline ] && continue
+    wait_quiet
+    echo "== $c: torch" >&2
+    # shellcheck disable=SC2086  # TORCH_ARGS is a list of flags
+    "$PY" "$TORCH_BASELINE" --components "$c" ${COMMON[@]+"${COMMON[@]}"} ${TORCH_ARGS:-} \
+        | grep '^{' | tee -a "$TORCH_JSONL" \
+        || echo "{\"kind\": \"error\", \"component\": \"$c\", \"error\": \"torch_baseline.py exited with an error\"}" >>"$TORCH_JSONL"
+done
+
+join_table "$OURS_JSONL" "$TORCH_JSONL"
+echo "raw lines: $OURS_JSONL $TORCH_JSONL" >&2
