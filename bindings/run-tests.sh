@@ -5,8 +5,9 @@
 #      exceptions) and run
 #   3. C#: compiled with mcs, the smoke test run with mono; the Unity code type-checked
 # Builds the shared library first (cargo build -p sdxl-ffi --lib, release unless
-# SDXL_BINDINGS_PROFILE=debug). Installs what is missing: pytest/numpy/pillow into a venv under
-# target/bindings (when the current python lacks them), mono via apt-get.
+# SDXL_BINDINGS_PROFILE=debug), or uses $SDXL_LIBRARY when set. Installs what is missing:
+# pytest/numpy/pillow into a venv under target/bindings (when the current python lacks them),
+# mono via apt-get.
 # Fixtures: $SDXL_FIXTURES or ../shared/reference/fixtures. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,17 +20,24 @@ export SDXL_FIXTURES=${SDXL_FIXTURES:-$ROOT/../shared/reference/fixtures}
 step() { echo "== bindings: $*"; }
 elapsed() { echo "   ($(( $(date +%s) - $1 )) s)"; }
 
-step "build libsdxl ($PROFILE)"
-t=$(date +%s)
-if [ "$PROFILE" = release ]; then
-    cargo build --release -p sdxl-ffi --lib
-    LIBDIR=$ROOT/target/release
+if [ -n "${SDXL_LIBRARY:-}" ]; then
+    # A library built already (e.g. target/release/deps/libsdxl.so after cargo test --release).
+    step "using $SDXL_LIBRARY"
+    LIBDIR=$(cd "$(dirname "$SDXL_LIBRARY")" && pwd)
+    export SDXL_LIBRARY=$LIBDIR/$(basename "$SDXL_LIBRARY")
 else
-    cargo build -p sdxl-ffi --lib
-    LIBDIR=$ROOT/target/debug
+    step "build libsdxl ($PROFILE)"
+    t=$(date +%s)
+    if [ "$PROFILE" = release ]; then
+        cargo build --release -p sdxl-ffi --lib
+        LIBDIR=$ROOT/target/release
+    else
+        cargo build -p sdxl-ffi --lib
+        LIBDIR=$ROOT/target/debug
+    fi
+    export SDXL_LIBRARY=$LIBDIR/libsdxl.so
+    elapsed "$t"
 fi
-export SDXL_LIBRARY=$LIBDIR/libsdxl.so
-elapsed "$t"
 
 # The base model folder: the one whose model_index.json names StableDiffusionXLPipeline.
 BASE=""

@@ -71,3 +71,19 @@ def test_missing_library_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(_ffi, "_lib", None)
     with pytest.raises(sdxl.LibraryError, match="SDXL_LIBRARY"):
         _ffi.load(tmp_path / "libnothing.so")
+
+
+def test_library_search_order(monkeypatch, tmp_path):
+    package = tmp_path / "sdxl"
+    package.mkdir()
+    name = _ffi._library_names()[0]
+    (package / name).symlink_to(_ffi.lib()._name)
+    monkeypatch.setattr(_ffi, "__file__", str(package / "_ffi.py"))
+    monkeypatch.setenv(_ffi.LIBRARY_ENV, "/explicit/libsdxl.so")
+    assert _ffi.candidates() == ["/explicit/libsdxl.so"]
+    monkeypatch.delenv(_ffi.LIBRARY_ENV)
+    found = _ffi.candidates()
+    assert found[0] == str(package / name)  # next to the package first
+    assert len(found) == 2  # then the system's loader
+    monkeypatch.setattr(_ffi, "_lib", None)
+    assert _ffi.load(found[0]).sdxl_abi_version() == sdxl.ABI_VERSION
