@@ -305,8 +305,7 @@ impl Bench<'_> {
             let options = LoadOptions {
                 device: device.clone(),
                 dtype,
-                vae_dtype: None,
-                variant: None,
+                ..LoadOptions::default()
             };
             let model = self.load("pipeline", name, || SdxlModel::load(dir, &options))?;
             let row = Row {
