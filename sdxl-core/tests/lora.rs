@@ -7,12 +7,12 @@
 
 mod common;
 
+use sdxl_core::pipeline::RunControl;
+
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
-use common::replay::{
-    check_u8, diffusers_prompts, embeds_by_name, observed, params_from, Recorder,
-};
+use common::replay::{check_u8, diffusers_prompts, embeds_by_name, params_from, Recorder};
 use common::{
     base_model, golden, goldens, index_entries, load_model, manifest, refiner_model, Parity,
 };
@@ -354,8 +354,13 @@ fn text_to_image_with_loras_matches_diffusers() {
             let params = params_from(&case["kwargs"], None);
             let latents_in = golden(&g, &format!("{name}.latents_in"));
             let mut rec = Recorder::default();
-            let out =
-                text_to_image(&base, &params, Some(latents_in), observed(&mut rec)).expect("t2i");
+            let out = text_to_image(
+                &base,
+                &params,
+                Some(latents_in),
+                RunControl::observing(&mut rec),
+            )
+            .expect("t2i");
             let prefix = format!("{name}.");
             for e in &entries {
                 let gname = e["name"].as_str().expect("golden name");

@@ -7,11 +7,13 @@
 
 mod common;
 
+use sdxl_core::pipeline::RunControl;
+
 use candle_core::Tensor;
 use common::noise::NoiseReplay;
 use common::replay::{
-    check_u8, diffusers_prompts, embeds_by_name, encode_prompt_cases, observed, params_from,
-    t2i_case_params, Recorder,
+    check_u8, diffusers_prompts, embeds_by_name, encode_prompt_cases, params_from, t2i_case_params,
+    Recorder,
 };
 use common::{base_model, golden, goldens, manifest, refiner_model, Parity};
 use sdxl_core::pipeline::{
@@ -54,7 +56,13 @@ fn text_to_image_matches_diffusers() {
         let params = t2i_case_params(case);
         let latents_in = golden(&g, &format!("{name}.latents_in"));
         let mut rec = Recorder::default();
-        let out = text_to_image(&base, &params, Some(latents_in), observed(&mut rec)).expect("t2i");
+        let out = text_to_image(
+            &base,
+            &params,
+            Some(latents_in),
+            RunControl::observing(&mut rec),
+        )
+        .expect("t2i");
         rec.check(&mut p, &g, name);
         p.check(
             &format!("{name}.latents_out"),
@@ -88,7 +96,7 @@ fn seeded_latents_are_the_diffusers_latents() {
         let mut params = t2i_case_params(case);
         params.seed = case["latents_seed"].as_u64().expect("seed");
         let mut rec = Recorder::default();
-        text_to_image(&base, &params, None, observed(&mut rec)).expect("t2i");
+        text_to_image(&base, &params, None, RunControl::observing(&mut rec)).expect("t2i");
         let first = &rec.steps[0]["step_sample"];
         let sigma = case["init_noise_sigma"].as_f64().expect("sigma");
         let expected = (golden(&g, &format!("{name}.latents_in")) * sigma).unwrap();
@@ -122,7 +130,7 @@ fn image_to_image_matches_diffusers() {
             &params,
             &InitImage::Pixels(image.clone()),
             noise.as_mut().map(|n| n as &mut dyn NoiseSource),
-            observed(&mut rec),
+            RunControl::observing(&mut rec),
         )
         .expect("img2img");
         println!("-- {label}");
@@ -153,7 +161,7 @@ fn base_to_refiner_handoff_matches_diffusers() {
         &base,
         &base_params,
         Some(golden(&g, "base.latents_in")),
-        observed(&mut rec),
+        RunControl::observing(&mut rec),
     )
     .expect("base");
     rec.check(&mut p, &g, "base");
@@ -167,7 +175,7 @@ fn base_to_refiner_handoff_matches_diffusers() {
         &refiner_params,
         &InitImage::Latents(lat),
         None,
-        observed(&mut rec),
+        RunControl::observing(&mut rec),
     )
     .expect("refiner");
     assert_eq!(

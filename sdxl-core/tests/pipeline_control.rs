@@ -65,16 +65,8 @@ fn every_scheduler_generates_an_image() {
         let mut p = params(&model, 4);
         p.scheduler.kind = Some(kind);
         let mut watch = Watch::default();
-        let latents = text_to_image(
-            &model,
-            &p,
-            None,
-            RunControl {
-                cancel: CancelToken::new(),
-                observer: &mut watch,
-            },
-        )
-        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let latents = text_to_image(&model, &p, None, RunControl::observing(&mut watch))
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
         let images = decode_images(&model, &latents).unwrap_or_else(|e| panic!("{kind}: {e}"));
         assert_eq!(
             (images[0].width, images[0].height),
@@ -98,16 +90,7 @@ fn previews_have_one_pixel_per_latent() {
     let model = base();
     let p = params(&model, 3);
     let mut watch = Watch::default();
-    text_to_image(
-        &model,
-        &p,
-        None,
-        RunControl {
-            cancel: CancelToken::new(),
-            observer: &mut watch,
-        },
-    )
-    .unwrap();
+    text_to_image(&model, &p, None, RunControl::observing(&mut watch)).unwrap();
     assert_eq!(watch.previews.len(), watch.steps.len());
     let f = model.vae.config().downscale_factor();
     assert_eq!(watch.previews[0].width, p.width / f);
@@ -121,15 +104,7 @@ fn progress_callback_can_stop_the_run() {
         stop_after: Some(2),
         ..Watch::default()
     };
-    let r = text_to_image(
-        &model,
-        &p,
-        None,
-        RunControl {
-            cancel: CancelToken::new(),
-            observer: &mut watch,
-        },
-    );
+    let r = text_to_image(&model, &p, None, RunControl::observing(&mut watch));
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
     assert_eq!(watch.steps.len(), 2);
 }

@@ -8,8 +8,10 @@
 
 mod common;
 
+use sdxl_core::pipeline::RunControl;
+
 use candle_core::{DType, Device, Tensor, D};
-use common::replay::{embeds_by_name, encode_prompt_cases, observed, prompt_texts};
+use common::replay::{embeds_by_name, encode_prompt_cases, prompt_texts};
 use common::{
     base_model, flat_f64, golden, goldens, load_model, manifest, max_abs_diff, refiner_model,
     Parity,
@@ -528,8 +530,8 @@ fn long_weighted_prompt_generates_end_to_end() {
         params.guidance_scale = kw["guidance_scale"].as_f64().unwrap();
         params.seed = case["latents_seed"].as_u64().unwrap();
         let mut shape = ContextShape::default();
-        let latents =
-            text_to_image(&base, &params, None, observed(&mut shape)).expect("text to image");
+        let latents = text_to_image(&base, &params, None, RunControl::observing(&mut shape))
+            .expect("text to image");
         (latents, shape.0.expect("a step ran"), params)
     };
     let (latents, context, params) = run(true);

@@ -23,12 +23,21 @@ pub struct RunControl<'a> {
     pub observer: &'a mut dyn StepObserver,
 }
 
-impl RunControl<'_> {
+impl<'a> RunControl<'a> {
     /// A control that never stops and observes nothing.
     pub fn none() -> RunControl<'static> {
         RunControl {
             cancel: CancelToken::new(),
+            // `NoObserver` is zero-sized: leaking its box allocates nothing.
             observer: Box::leak(Box::new(NoObserver)),
+        }
+    }
+
+    /// A control reporting to `observer`, with a fresh cancel token.
+    pub fn observing(observer: &'a mut dyn StepObserver) -> Self {
+        RunControl {
+            cancel: CancelToken::new(),
+            observer,
         }
     }
 }

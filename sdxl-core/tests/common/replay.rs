@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use sdxl_core::pipeline::{
-    CancelToken, GenerateParams, LongPrompts, ModelKind, PromptEmbeds, Prompts, RgbImage,
-    RunControl, SdxlModel, StepObserver, StepTensors,
+    GenerateParams, LongPrompts, ModelKind, PromptEmbeds, Prompts, RgbImage, SdxlModel,
+    StepObserver, StepTensors,
 };
 use serde_json::Value;
 
@@ -174,14 +174,6 @@ pub fn embeds_by_name(e: &PromptEmbeds) -> [(&'static str, &Tensor); 4] {
             &e.negative_pooled_prompt_embeds,
         ),
     ]
-}
-
-/// A run control that reports to `observer` and is never cancelled.
-pub fn observed(observer: &mut dyn StepObserver) -> RunControl<'_> {
-    RunControl {
-        cancel: CancelToken::new(),
-        observer,
-    }
 }
 
 /// Records every denoising step's tensors (the [`LOOP_KEYS`]) and the conditioning of the
