@@ -47,17 +47,6 @@ fn unet_weights(dir: &Path) -> HashMap<String, Tensor> {
     .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// A fixed UNet input sized from the model's own config.
 fn unet_output(unet: &UNet2DConditionModel) -> Tensor {
     let cfg = unet.config();
@@ -125,7 +114,7 @@ fn variant_files_are_chosen_by_the_variant_option() {
         let unet = UNet2DConditionModel::load(&dir, dtype, &Device::Cpu, Some("fp16")).unwrap();
         let out = unet_output(&unet);
         let tol = if dtype == DType::F32 { 5e-2 } else { 1e-1 };
-        let d = max_diff(&out, &reference);
+        let d = common::max_abs_diff(&out, &reference);
         println!("fp16 variant loaded as {dtype:?}: max diff to f32 weights {d:.3e} (tol {tol})");
         assert!(d < tol);
     }
@@ -162,7 +151,7 @@ fn sharded_checkpoints_load_through_their_index() {
         unet_output(&UNet2DConditionModel::load(&dir, DType::F32, &Device::Cpu, None).unwrap());
     let single =
         unet_output(&UNet2DConditionModel::load(&src, DType::F32, &Device::Cpu, None).unwrap());
-    assert_eq!(max_diff(&sharded, &single), 0.0);
+    assert_eq!(common::max_abs_diff(&sharded, &single), 0.0);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
