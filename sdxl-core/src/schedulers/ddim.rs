@@ -10,7 +10,7 @@ use super::prediction::{
 };
 use super::schedule::{betas, AlphaSchedule};
 use super::spacing::{spaced_timesteps, TimestepSpacing};
-use super::stepping::not_set;
+use super::stepping::{not_set, schedule_accessors, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -81,7 +81,7 @@ impl Default for DdimConfig {
 pub struct Ddim {
     config: DdimConfig,
     alphas: AlphaSchedule,
-    timesteps: Vec<f64>,
+    schedule: StepSchedule,
     num_inference_steps: Option<usize>,
     eta: f64,
     use_clipped_model_output: bool,
@@ -118,7 +118,7 @@ impl Ddim {
         Ok(Self {
             config,
             alphas,
-            timesteps: Vec::new(),
+            schedule: StepSchedule::alpha(),
             num_inference_steps: None,
             eta: 0.0,
             use_clipped_model_output: false,
@@ -152,7 +152,7 @@ impl Ddim {
 
 impl Scheduler for Ddim {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.timesteps = spaced_timesteps(
+        let timesteps = spaced_timesteps(
             self.config.timestep_spacing,
             self.config.num_train_timesteps,
             num_inference_steps,
@@ -161,23 +161,12 @@ impl Scheduler for Ddim {
         .into_iter()
         .map(f64::round_ties_even)
         .collect();
+        self.schedule.set_timesteps(timesteps);
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, _begin_index: usize) {}
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,

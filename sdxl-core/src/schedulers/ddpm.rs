@@ -9,7 +9,7 @@ use super::noising::Vp;
 use super::prediction::{clip, data_prediction, reject_thresholding, PredictionType};
 use super::schedule::{betas, sigmoid_betas, AlphaSchedule};
 use super::spacing::{spaced_timesteps, TimestepSpacing};
-use super::stepping::not_set;
+use super::stepping::{schedule_accessors, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -97,7 +97,7 @@ impl Default for DdpmConfig {
 pub struct Ddpm {
     config: DdpmConfig,
     alphas: AlphaSchedule,
-    timesteps: Vec<f64>,
+    schedule: StepSchedule,
 }
 
 impl Ddpm {
@@ -145,7 +145,7 @@ impl Ddpm {
         Ok(Self {
             config,
             alphas,
-            timesteps: Vec::new(),
+            schedule: StepSchedule::alpha(),
         })
     }
 
@@ -156,11 +156,12 @@ impl Ddpm {
 
     /// The timestep after `t` in the schedule, or -1 after the last one.
     fn previous_timestep(&self, t: f64) -> Result<f64> {
-        let i =
-            self.timesteps.iter().position(|&s| s == t).ok_or_else(|| {
-                Error::invalid(format!("timestep {t} is not in the DDPM schedule"))
-            })?;
-        Ok(self.timesteps.get(i + 1).copied().unwrap_or(-1.0))
+        let timesteps = self.schedule.timesteps();
+        let i = timesteps
+            .iter()
+            .position(|&s| s == t)
+            .ok_or_else(|| Error::invalid(format!("timestep {t} is not in the DDPM schedule")))?;
+        Ok(timesteps.get(i + 1).copied().unwrap_or(-1.0))
     }
 
     /// The standard deviation of the noise added at `t`.
@@ -177,7 +178,7 @@ impl Ddpm {
 
 impl Scheduler for Ddpm {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        self.timesteps = spaced_timesteps(
+        let timesteps = spaced_timesteps(
             self.config.timestep_spacing,
             self.config.num_train_timesteps,
             num_inference_steps,
@@ -186,22 +187,11 @@ impl Scheduler for Ddpm {
         .into_iter()
         .map(f64::round_ties_even)
         .collect();
+        self.schedule.set_timesteps(timesteps);
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, _begin_index: usize) {}
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,
@@ -210,9 +200,7 @@ impl Scheduler for Ddpm {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        if self.timesteps.is_empty() {
-            return Err(not_set());
-        }
+        self.schedule.step_count()?;
         let a_t = self.alphas.alpha(timestep)?;
         let a_prev = self.alphas.alpha_prev(self.previous_timestep(timestep)?)?;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);

@@ -11,7 +11,7 @@ use super::prediction::{data_prediction, reject_thresholding, PredictionType};
 use super::schedule::{betas, f32_round, train_alphas_cumprod, vp_sigmas, TerminalAlpha};
 use super::sigmas::{multistep_plan, FinalSigmasType, SigmaBounds, SigmaFlags, SigmaSpacing};
 use super::spacing::{multistep_timesteps, TimestepSpacing};
-use super::stepping::{not_set, MissingTimestep, ModelHistory, SigmaSchedule};
+use super::stepping::{schedule_accessors, ModelHistory, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -142,7 +142,7 @@ pub struct DpmSolverMultistep {
     spacing: SigmaSpacing,
     alphas_cumprod: Vec<f64>,
     train_sigmas: Vec<f64>,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
     model_outputs: ModelHistory,
     lower_order_nums: usize,
 }
@@ -225,7 +225,7 @@ impl DpmSolverMultistep {
             heun,
             spacing,
             alphas_cumprod,
-            schedule: SigmaSchedule::new(MissingTimestep::LastStep),
+            schedule: StepSchedule::multistep(),
             lower_order_nums: 0,
         })
     }
@@ -372,25 +372,7 @@ impl Scheduler for DpmSolverMultistep {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,
@@ -399,9 +381,7 @@ impl Scheduler for DpmSolverMultistep {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        if self.schedule.timesteps().is_empty() {
-            return Err(not_set());
-        }
+        self.schedule.step_count()?;
         let (i, sigma) = self.schedule.current_sigma(timestep)?;
         let n = self.schedule.timesteps().len();
         let short = self.config.lower_order_final && n < 15;
@@ -507,7 +487,7 @@ mod tests {
         s.set_timesteps(10)?;
         let (x, z) = (Tensor::new(&[1.0f64], &dev)?, Tensor::new(&[0.0f64], &dev)?);
         let t3 = s.timesteps()[3];
-        let expected = Vp::from_sigma(s.schedule.sigmas()[3]).alpha;
+        let expected = Vp::from_sigma(s.schedule.sigma(3)?).alpha;
         let by_lookup = s.add_noise(&x, &z, t3)?.to_vec1::<f64>()?;
         s.set_begin_index(3);
         let by_begin = s.add_noise(&x, &z, 0.0)?.to_vec1::<f64>()?;

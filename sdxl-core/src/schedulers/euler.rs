@@ -8,11 +8,9 @@ use super::arith::compute_dtype;
 use super::noising::add_sigma_noise;
 use super::prediction::{denoised, PredictionType};
 use super::schedule::{betas, f32_round};
-use super::sigmas::{
-    scale_by_sigma, training_sigmas, FinalSigmasType, KSigmaSource, SigmaBounds, SigmaFlags,
-};
+use super::sigmas::{training_sigmas, FinalSigmasType, KSigmaSource, SigmaBounds, SigmaFlags};
 use super::spacing::TimestepSpacing;
-use super::stepping::{value_at, MissingTimestep, SigmaSchedule};
+use super::stepping::{schedule_accessors, value_at, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -106,7 +104,7 @@ impl Default for EulerDiscreteConfig {
 pub struct EulerDiscrete {
     config: EulerDiscreteConfig,
     source: KSigmaSource,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
 }
 
 impl EulerDiscrete {
@@ -155,10 +153,11 @@ impl EulerDiscrete {
             },
         };
         let (mut timesteps, sigmas) = source.training_schedule();
+        let schedule = StepSchedule::k_diffusion(config.timestep_spacing);
         let mut this = Self {
             config,
             source,
-            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            schedule,
         };
         if this.continuous_timesteps() {
             timesteps = continuous_from_sigmas(&sigmas);
@@ -211,26 +210,7 @@ impl Scheduler for EulerDiscrete {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.source.init_noise_sigma(self.schedule.sigmas())
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (_, sigma) = self.schedule.current_sigma(timestep)?;
-        scale_by_sigma(sample, sigma)
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,

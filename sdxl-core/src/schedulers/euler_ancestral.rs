@@ -9,9 +9,9 @@ use super::arith::compute_dtype;
 use super::noising::add_sigma_noise;
 use super::prediction::{denoised, PredictionType};
 use super::schedule::{betas, f32_round};
-use super::sigmas::{scale_by_sigma, training_sigmas, KSigmaSource, SigmaBounds, SigmaSpacing};
+use super::sigmas::{training_sigmas, KSigmaSource, SigmaBounds, SigmaSpacing};
 use super::spacing::TimestepSpacing;
-use super::stepping::{MissingTimestep, SigmaSchedule};
+use super::stepping::{schedule_accessors, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -60,7 +60,7 @@ impl Default for EulerAncestralDiscreteConfig {
 pub struct EulerAncestralDiscrete {
     config: EulerAncestralDiscreteConfig,
     source: KSigmaSource,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
 }
 
 impl EulerAncestralDiscrete {
@@ -100,7 +100,7 @@ impl EulerAncestralDiscrete {
             bounds: SigmaBounds::default(),
         };
         let (timesteps, sigmas) = source.training_schedule();
-        let mut schedule = SigmaSchedule::new(MissingTimestep::Error);
+        let mut schedule = StepSchedule::k_diffusion(config.timestep_spacing);
         schedule.set(timesteps, sigmas);
         Ok(Self {
             config,
@@ -137,26 +137,7 @@ impl Scheduler for EulerAncestralDiscrete {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.source.init_noise_sigma(self.schedule.sigmas())
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (_, sigma) = self.schedule.current_sigma(timestep)?;
-        scale_by_sigma(sample, sigma)
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,

@@ -12,9 +12,9 @@ use super::arith::compute_dtype;
 use super::noising::add_sigma_noise;
 use super::prediction::{clip, denoised, PredictionType};
 use super::schedule::{betas, exp_betas, f32_round};
-use super::sigmas::{scale_by_sigma, training_sigmas, KSigmaSource, SigmaBounds, SigmaFlags};
+use super::sigmas::{training_sigmas, KSigmaSource, SigmaBounds, SigmaFlags};
 use super::spacing::TimestepSpacing;
-use super::stepping::{repeat_after_first, MissingTimestep, SigmaSchedule};
+use super::stepping::{repeat_after_first, schedule_accessors, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::Result;
 
@@ -90,7 +90,7 @@ struct FirstOrder {
 pub struct HeunDiscrete {
     config: HeunDiscreteConfig,
     source: KSigmaSource,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
     first_order: Option<FirstOrder>,
 }
 
@@ -138,10 +138,11 @@ impl HeunDiscrete {
                 max: config.sigma_max,
             },
         };
+        let schedule = StepSchedule::k_diffusion(config.timestep_spacing);
         let mut this = Self {
             config,
             source,
-            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            schedule,
             first_order: None,
         };
         // diffusers' constructor runs `set_timesteps(num_train_timesteps)`.
@@ -176,29 +177,10 @@ impl Scheduler for HeunDiscrete {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.source.init_noise_sigma(self.schedule.sigmas())
-    }
+    schedule_accessors!();
 
     fn order(&self) -> usize {
         2
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (_, sigma) = self.schedule.current_sigma(timestep)?;
-        scale_by_sigma(sample, sigma)
     }
 
     fn step(

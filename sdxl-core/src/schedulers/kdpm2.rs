@@ -17,7 +17,7 @@ use super::sigmas::{
     SigmaFlags, SigmaSpacing,
 };
 use super::spacing::TimestepSpacing;
-use super::stepping::{repeat_after_first, value_at, MissingTimestep, SigmaSchedule};
+use super::stepping::{repeat_after_first, schedule_accessors, value_at, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -79,7 +79,7 @@ impl Default for KDpm2DiscreteConfig {
 pub struct KDpm2Discrete {
     config: KDpm2DiscreteConfig,
     source: KSigmaSource,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
     sigmas_interpol: Vec<f64>,
     /// The sample before the first half step; `Some` while in the second half.
     first_sample: Option<Tensor>,
@@ -145,10 +145,11 @@ impl KDpm2Discrete {
                 max: config.sigma_max,
             },
         };
+        let schedule = StepSchedule::k_diffusion(config.timestep_spacing);
         let mut this = Self {
             config,
             source,
-            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            schedule,
             sigmas_interpol: Vec::new(),
             first_sample: None,
         };
@@ -215,24 +216,10 @@ impl Scheduler for KDpm2Discrete {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.source.init_noise_sigma(self.schedule.sigmas())
-    }
+    schedule_accessors!();
 
     fn order(&self) -> usize {
         2
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
     }
 
     fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {

@@ -10,7 +10,7 @@ use super::noising::Vp;
 use super::prediction::{clip, data_prediction, reject_thresholding, PredictionType};
 use super::schedule::{betas, f32_round, AlphaSchedule};
 use super::spacing::TimestepSpacing;
-use super::stepping::{not_set, MissingTimestep, StepCursor};
+use super::stepping::{schedule_accessors, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -89,8 +89,7 @@ impl Default for LcmConfig {
 pub struct Lcm {
     config: LcmConfig,
     alphas: AlphaSchedule,
-    timesteps: Vec<f64>,
-    cursor: StepCursor,
+    schedule: StepSchedule,
 }
 
 impl Lcm {
@@ -124,8 +123,7 @@ impl Lcm {
         Ok(Self {
             config,
             alphas,
-            timesteps: Vec::new(),
-            cursor: StepCursor::new(MissingTimestep::Error),
+            schedule: StepSchedule::alpha(),
         })
     }
 
@@ -160,29 +158,15 @@ impl Scheduler for Lcm {
         let k = (train / original) as i64;
         let origin: Vec<i64> = (1..=original as i64).rev().map(|i| i * k - 1).collect();
         let stride = original as f64 / num_inference_steps as f64;
-        self.timesteps = (0..num_inference_steps)
+        let timesteps = (0..num_inference_steps)
             .filter_map(|i| origin.get((i as f64 * stride).floor() as usize))
             .map(|&t| t as f64)
             .collect();
-        self.cursor.reset();
+        self.schedule.set_timesteps(timesteps);
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.cursor.set_begin(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,
@@ -191,11 +175,14 @@ impl Scheduler for Lcm {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        if self.timesteps.is_empty() {
-            return Err(not_set());
-        }
-        let index = self.cursor.current(&self.timesteps, timestep)?;
-        let prev_timestep = self.timesteps.get(index + 1).copied().unwrap_or(timestep);
+        let n = self.schedule.step_count()?;
+        let index = self.schedule.step_index(timestep)?;
+        let prev_timestep = self
+            .schedule
+            .timesteps()
+            .get(index + 1)
+            .copied()
+            .unwrap_or(timestep);
         let a_t = self.alphas.alpha(timestep)?;
         let a_prev = self.alphas.alpha_prev(prev_timestep)?;
         let (c_skip, c_out) = self.scalings(timestep);
@@ -212,7 +199,7 @@ impl Scheduler for Lcm {
         let x0 = clip(x0, self.config.clip_sample, self.config.clip_sample_range)?;
         let denoised = lincomb(&[(c_out, &x0), (c_skip, &x)])?;
 
-        let prev = if index + 1 != self.timesteps.len() {
+        let prev = if index + 1 != n {
             let z = noise.randn(model_output.dims(), out_dtype, model_output.device())?;
             lincomb(&[
                 (a_prev.sqrt(), &denoised),
@@ -221,7 +208,7 @@ impl Scheduler for Lcm {
         } else {
             denoised.clone()
         };
-        self.cursor.advance();
+        self.schedule.advance();
         Ok(StepOutput {
             prev_sample: prev.to_dtype(out_dtype)?,
             pred_original_sample: Some(denoised.to_dtype(out_dtype)?),

@@ -14,11 +14,9 @@ use super::arith::compute_dtype;
 use super::noising::add_sigma_noise;
 use super::prediction::{denoised, PredictionType};
 use super::schedule::{betas, f32_round};
-use super::sigmas::{
-    scale_by_sigma, training_sigmas, KSigmaSource, SigmaBounds, SigmaFlags, SigmaSpacing,
-};
+use super::sigmas::{training_sigmas, KSigmaSource, SigmaBounds, SigmaFlags, SigmaSpacing};
 use super::spacing::TimestepSpacing;
-use super::stepping::{value_at, MissingTimestep, SigmaSchedule};
+use super::stepping::{schedule_accessors, value_at, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -91,7 +89,7 @@ impl Default for LmsDiscreteConfig {
 pub struct LmsDiscrete {
     config: LmsDiscreteConfig,
     source: KSigmaSource,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
     /// The most recent derivatives, oldest first (at most [`MAX_ORDER`]).
     derivatives: VecDeque<Tensor>,
 }
@@ -183,10 +181,11 @@ impl LmsDiscrete {
             spacing,
             bounds,
         };
+        let schedule = StepSchedule::k_diffusion(config.timestep_spacing);
         let mut this = Self {
             config,
             source,
-            schedule: SigmaSchedule::new(MissingTimestep::Error),
+            schedule,
             derivatives: VecDeque::new(),
         };
         // diffusers' constructor runs `set_timesteps(num_train_timesteps)`.
@@ -215,26 +214,7 @@ impl Scheduler for LmsDiscrete {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.source.init_noise_sigma(self.schedule.sigmas())
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let (_, sigma) = self.schedule.current_sigma(timestep)?;
-        scale_by_sigma(sample, sigma)
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,
@@ -257,7 +237,12 @@ impl Scheduler for LmsDiscrete {
         let order = (i + 1).min(MAX_ORDER);
         let mut prev = x;
         for (current, derivative) in (0..order).zip(self.derivatives.iter().rev()) {
-            let coeff = lms_coefficient(self.schedule.sigmas(), order, i, current)?;
+            let coeff = lms_coefficient(
+                self.schedule.sigmas().unwrap_or_default(),
+                order,
+                i,
+                current,
+            )?;
             prev = prev.add(&derivative.affine(coeff, 0.0)?)?;
         }
         self.schedule.advance();

@@ -44,6 +44,9 @@ pub struct StepOutput {
 
 /// A diffusion sampler, with the call sequence of diffusers' schedulers:
 /// `set_timesteps`, (`set_begin_index`), then per timestep `scale_model_input` and `step`.
+///
+/// A family provides its [`StepSchedule`]; the accessors, `set_begin_index`,
+/// `init_noise_sigma` and `scale_model_input` are provided on top of it.
 pub trait Scheduler: Send {
     /// Prepares the timesteps (and sigmas) for `num_inference_steps` steps and resets the step
     /// index.
@@ -52,17 +55,27 @@ pub trait Scheduler: Send {
     /// [`Error::InvalidArgument`] when the step count is 0 or exceeds the training timesteps.
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
 
+    /// The schedule this scheduler steps through.
+    fn schedule(&self) -> &StepSchedule;
+
+    /// The schedule this scheduler steps through, to move its cursor.
+    fn schedule_mut(&mut self) -> &mut StepSchedule;
+
     /// The timesteps to run, in order, as the model sees them (integers or fractional values,
     /// exactly as diffusers computes them, widened to f64).
-    fn timesteps(&self) -> &[f64];
+    fn timesteps(&self) -> &[f64] {
+        self.schedule().timesteps()
+    }
 
     /// The noise levels (σ) for sigma-based schedulers, including the final 0.
     fn sigmas(&self) -> Option<&[f64]> {
-        None
+        self.schedule().sigmas()
     }
 
     /// The standard deviation of the initial noise (`init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule().init_noise_sigma()
+    }
 
     /// Model evaluations per step (2 for Heun and KDPM2), as diffusers' `order`.
     fn order(&self) -> usize {
@@ -70,13 +83,17 @@ pub trait Scheduler: Send {
     }
 
     /// Starts stepping at index `begin_index` of [`Scheduler::timesteps`] (img2img).
-    fn set_begin_index(&mut self, begin_index: usize);
+    fn set_begin_index(&mut self, begin_index: usize) {
+        self.schedule_mut().set_begin_index(begin_index);
+    }
 
     /// Scales the denoising model's input for the current timestep.
     ///
     /// # Errors
     /// Tensor failures, or a timestep not in the schedule.
-    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        self.schedule_mut().scale_model_input(sample, timestep)
+    }
 
     /// Advances `sample` by one step given the model's output at `timestep`.
     ///
@@ -172,3 +189,4 @@ pub use kind::SchedulerKind;
 pub use prediction::PredictionType;
 pub use sigmas::FinalSigmasType;
 pub use spacing::TimestepSpacing;
+pub use stepping::StepSchedule;

@@ -392,15 +392,15 @@ impl KSigmaSource {
             .collect();
         (timesteps, sigmas)
     }
+}
 
-    /// `init_noise_sigma` for `sigmas`: the largest σ for `linspace`/`trailing` spacing, else
-    /// `sqrt(σ_max² + 1)` (computed in float32).
-    pub(crate) fn init_noise_sigma(&self, sigmas: &[f64]) -> f64 {
-        let max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max) as f32;
-        match self.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max as f64,
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt() as f64,
-        }
+/// `init_noise_sigma` of the k-diffusion families for `sigmas`: the largest σ for `linspace` /
+/// `trailing` spacing, else `sqrt(σ_max² + 1)` (computed in float32).
+pub(crate) fn k_init_noise_sigma(spacing: TimestepSpacing, sigmas: &[f64]) -> f64 {
+    let max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max) as f32;
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max as f64,
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt() as f64,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Bookkeeping across steps: which entry of the schedule a step is at (diffusers' `_step_index`,
-//! `_begin_index`, `index_for_timestep`), the schedule a sigma-based scheduler holds, and the
+//! `_begin_index`, `index_for_timestep`), the schedule every scheduler holds, and the
 //! model-output history of the multistep solvers.
 
 use candle_core::Tensor;
 
+use super::sigmas::{k_init_noise_sigma, scale_by_sigma};
+use super::spacing::TimestepSpacing;
 use crate::error::{Error, Result};
 
 /// The error for stepping before `set_timesteps`.
@@ -133,38 +135,96 @@ impl StepCursor {
     }
 }
 
-/// The timesteps, sigmas (the final one included) and step cursor a sigma-based scheduler holds.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct SigmaSchedule {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f64>,
-    cursor: StepCursor,
+/// How a family prepares the model input and the initial noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputScaling {
+    /// The sample goes to the model unchanged and the initial noise has unit variance
+    /// (the variance-preserving families).
+    Identity,
+    /// The k-diffusion families: the sample is divided by `√(σ² + 1)` and the initial noise
+    /// scaled by [`k_init_noise_sigma`] for this timestep spacing.
+    KDiffusion(TimestepSpacing),
 }
 
-impl SigmaSchedule {
-    /// An empty schedule whose lookups treat absent timesteps as `missing` says.
-    pub(crate) fn new(missing: MissingTimestep) -> Self {
+/// The schedule a scheduler steps through: its timesteps, its sigmas (the final one included)
+/// where it is sigma-based, and the step cursor (diffusers' `_step_index`, `_begin_index`).
+///
+/// Every family holds one; [`Scheduler`](super::Scheduler)'s provided methods read it.
+#[derive(Debug, Clone)]
+pub struct StepSchedule {
+    timesteps: Vec<f64>,
+    sigmas: Option<Vec<f64>>,
+    cursor: StepCursor,
+    scaling: InputScaling,
+}
+
+impl StepSchedule {
+    /// An empty schedule of a k-diffusion family (Euler, Euler ancestral, Heun, KDPM2, LMS)
+    /// configured with `spacing`: absent timesteps are errors, inputs are scaled by σ.
+    pub(crate) fn k_diffusion(spacing: TimestepSpacing) -> Self {
+        Self::with(
+            Some(Vec::new()),
+            MissingTimestep::Error,
+            InputScaling::KDiffusion(spacing),
+        )
+    }
+
+    /// An empty schedule of a multistep solver (DPM-Solver++, UniPC): sigma-based, absent
+    /// timesteps are the last step, inputs unscaled.
+    pub(crate) fn multistep() -> Self {
+        Self::with(
+            Some(Vec::new()),
+            MissingTimestep::LastStep,
+            InputScaling::Identity,
+        )
+    }
+
+    /// An empty schedule of a family indexed by ᾱ (DDIM, DDPM, LCM): no sigmas, absent
+    /// timesteps are errors, inputs unscaled.
+    pub(crate) fn alpha() -> Self {
+        Self::with(None, MissingTimestep::Error, InputScaling::Identity)
+    }
+
+    fn with(sigmas: Option<Vec<f64>>, missing: MissingTimestep, scaling: InputScaling) -> Self {
         Self {
+            timesteps: Vec::new(),
+            sigmas,
             cursor: StepCursor::new(missing),
-            ..Self::default()
+            scaling,
         }
     }
 
-    /// Replaces the schedule and resets the cursor.
+    /// Replaces the timesteps and sigmas and resets the cursor.
     pub(crate) fn set(&mut self, timesteps: Vec<f64>, sigmas: Vec<f64>) {
+        self.sigmas = Some(sigmas);
+        self.set_timesteps(timesteps);
+    }
+
+    /// Replaces the timesteps (keeping the sigmas) and resets the cursor.
+    pub(crate) fn set_timesteps(&mut self, timesteps: Vec<f64>) {
         self.timesteps = timesteps;
-        self.sigmas = sigmas;
         self.cursor.reset();
     }
 
     /// The timesteps.
-    pub(crate) fn timesteps(&self) -> &[f64] {
+    pub fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
-    /// The sigmas, the final one included.
-    pub(crate) fn sigmas(&self) -> &[f64] {
-        &self.sigmas
+    /// The sigmas, the final one included; `None` for the families indexed by ᾱ.
+    pub fn sigmas(&self) -> Option<&[f64]> {
+        self.sigmas.as_deref()
+    }
+
+    /// The number of timesteps, or the error for stepping before `set_timesteps`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when there are no timesteps.
+    pub(crate) fn step_count(&self) -> Result<usize> {
+        match self.timesteps.len() {
+            0 => Err(not_set()),
+            n => Ok(n),
+        }
     }
 
     /// The sigma at index `i`.
@@ -172,7 +232,7 @@ impl SigmaSchedule {
     /// # Errors
     /// [`Error::InvalidArgument`] when `i` is past the end.
     pub(crate) fn sigma(&self, i: usize) -> Result<f64> {
-        value_at(&self.sigmas, i, "sigma")
+        value_at(self.sigmas().unwrap_or_default(), i, "sigma")
     }
 
     /// Starts stepping at `begin_index`.
@@ -209,7 +269,47 @@ impl SigmaSchedule {
     pub(crate) fn noise_sigma(&self, timestep: f64) -> Result<f64> {
         self.sigma(self.cursor.noise_index(&self.timesteps, timestep)?)
     }
+
+    /// The standard deviation of the initial noise.
+    pub(crate) fn init_noise_sigma(&self) -> f64 {
+        match self.scaling {
+            InputScaling::Identity => 1.0,
+            InputScaling::KDiffusion(spacing) => {
+                k_init_noise_sigma(spacing, self.sigmas().unwrap_or_default())
+            }
+        }
+    }
+
+    /// The model input for the current step: `sample` itself, or for the k-diffusion families
+    /// `sample / √(σ² + 1)` at the current sigma (which starts the cursor).
+    ///
+    /// # Errors
+    /// Tensor failures, or a timestep not in the schedule.
+    pub(crate) fn scale_model_input(&mut self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
+        match self.scaling {
+            InputScaling::Identity => Ok(sample.clone()),
+            InputScaling::KDiffusion(_) => {
+                let (_, sigma) = self.current_sigma(timestep)?;
+                scale_by_sigma(sample, sigma)
+            }
+        }
+    }
 }
+
+/// The two required [`Scheduler`](super::Scheduler) methods that hand out the family's
+/// `schedule` field, for use inside its `impl Scheduler` block.
+macro_rules! schedule_accessors {
+    () => {
+        fn schedule(&self) -> &StepSchedule {
+            &self.schedule
+        }
+
+        fn schedule_mut(&mut self) -> &mut StepSchedule {
+            &mut self.schedule
+        }
+    };
+}
+pub(crate) use schedule_accessors;
 
 /// `[v0, v1, v1, v2, v2, …]`: every value but the first twice, as the schedules of the
 /// second-order samplers (Heun, KDPM2) visit them.

@@ -11,7 +11,7 @@ use super::prediction::{data_prediction, noise_prediction, reject_thresholding, 
 use super::schedule::{betas, f32_round, train_alphas_cumprod, vp_sigmas, TerminalAlpha};
 use super::sigmas::{multistep_plan, FinalSigmasType, SigmaBounds, SigmaFlags, SigmaSpacing};
 use super::spacing::{multistep_timesteps, TimestepSpacing};
-use super::stepping::{not_set, MissingTimestep, ModelHistory, SigmaSchedule};
+use super::stepping::{schedule_accessors, ModelHistory, StepSchedule};
 use super::{NoiseSource, Scheduler, SchedulerConfig, StepOutput};
 use crate::error::{Error, Result};
 
@@ -145,7 +145,7 @@ pub struct UniPcMultistep {
     bh1: bool,
     spacing: SigmaSpacing,
     train_sigmas: Vec<f64>,
-    schedule: SigmaSchedule,
+    schedule: StepSchedule,
     model_outputs: ModelHistory,
     lower_order_nums: usize,
     this_order: usize,
@@ -209,7 +209,7 @@ impl UniPcMultistep {
             config,
             bh1,
             spacing,
-            schedule: SigmaSchedule::new(MissingTimestep::LastStep),
+            schedule: StepSchedule::multistep(),
             lower_order_nums: 0,
             this_order: 0,
             last_sample: None,
@@ -463,25 +463,7 @@ impl Scheduler for UniPcMultistep {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        self.schedule.timesteps()
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(self.schedule.sigmas())
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.schedule.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    schedule_accessors!();
 
     fn step(
         &mut self,
@@ -490,9 +472,7 @@ impl Scheduler for UniPcMultistep {
         sample: &Tensor,
         _noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        if self.schedule.timesteps().is_empty() {
-            return Err(not_set());
-        }
+        self.schedule.step_count()?;
         let (i, sigma) = self.schedule.current_sigma(timestep)?;
         let out_dtype = model_output.dtype();
         let mut x = upcast(sample)?;
