@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use candle_core::DType;
 use sdxl_core::pipeline::{
-    decode_images, image_to_image, text_to_image, CancelToken, Flow, GenerateParams, InitImage,
-    RgbImage, RunControl, StepInfo, StepObserver,
+    decode_images, generate_latents, CancelToken, Flow, RgbImage, RunControl, StepInfo,
+    StepObserver,
 };
 use sdxl_core::Error;
 
@@ -192,56 +192,23 @@ pub(crate) fn run(
         on_progress,
     };
     check_cancel(request, cancel)?;
-    let first_params = GenerateParams {
-        denoising_end: request.refiner.as_ref().map(|(_, s)| *s),
-        ..params.clone()
+    let pixels = match &request.init {
+        Some(img) => Some(img.to_tensor01(&base.options.device)?),
+        None => None,
     };
-    let latents = match &request.init {
-        Some(img) => {
-            let x = img.to_tensor01(&base.options.device)?;
-            image_to_image(
-                base,
-                &first_params,
-                &InitImage::Pixels(x),
-                None,
-                RunControl {
-                    cancel: cancel.clone(),
-                    observer: &mut observer,
-                },
-            )?
-        }
-        None => text_to_image(
-            base,
-            &first_params,
-            None,
-            RunControl {
-                cancel: cancel.clone(),
-                observer: &mut observer,
-            },
-        )?,
-    };
-    let (latents, decoder) = match &request.refiner {
-        Some((refiner, start_at)) => {
-            check_cancel(request, cancel)?;
-            let refiner_params = GenerateParams {
-                denoising_start: Some(*start_at),
-                denoising_end: None,
-                ..params.clone()
-            };
-            let l = image_to_image(
-                &refiner.model,
-                &refiner_params,
-                &InitImage::Latents(latents),
-                None,
-                RunControl {
-                    cancel: cancel.clone(),
-                    observer: &mut observer,
-                },
-            )?;
-            (l, &refiner.model)
-        }
-        None => (latents, base),
-    };
+    let (latents, decoder) = generate_latents(
+        base,
+        request
+            .refiner
+            .as_ref()
+            .map(|(r, start)| (&r.model, *start)),
+        params,
+        pixels.as_ref(),
+        RunControl {
+            cancel: cancel.clone(),
+            observer: &mut observer,
+        },
+    )?;
     check_cancel(request, cancel)?;
     let images = decode_images(decoder, &latents)?;
     let mut rgba = Vec::with_capacity(images.iter().map(|i| i.data.len() / 3 * 4).sum());

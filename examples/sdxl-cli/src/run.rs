@@ -8,8 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sdxl_core::lora::{LoraSpec, LoraWeights};
 use sdxl_core::pipeline::prompt::LongPrompts;
 use sdxl_core::pipeline::{
-    decode_images, image_to_image, text_to_image, CancelToken, Flow, GenerateParams, InitImage,
-    LoadOptions, ModelKind, RunControl, SchedulerChoice, SdxlModel, StepInfo, StepObserver,
+    decode_images, generate_latents, Flow, GenerateParams, LoadOptions, ModelKind, RunControl,
+    SchedulerChoice, SdxlModel, StepInfo, StepObserver,
 };
 use sdxl_core::schedulers::SchedulerKind;
 use sdxl_core::vae::{TilingMode, TilingOptions};
@@ -286,63 +286,23 @@ fn generate(
     let mut bar = Bar::new(s.quiet);
     let t0 = Instant::now();
     let err = |e: sdxl_core::Error| e.to_string();
-    let latents = match &init {
-        Some(img) => {
-            let x = img.to_tensor01(&base.options.device).map_err(err)?;
-            image_to_image(
-                base,
-                &params,
-                &InitImage::Pixels(x),
-                None,
-                RunControl {
-                    cancel: CancelToken::new(),
-                    observer: &mut bar,
-                },
-            )
-            .map_err(err)?
-        }
-        None => {
-            let base_params = match refiner {
-                Some(_) => GenerateParams {
-                    denoising_end: Some(s.refiner_start),
-                    ..params.clone()
-                },
-                None => params.clone(),
-            };
-            text_to_image(
-                base,
-                &base_params,
-                None,
-                RunControl {
-                    cancel: CancelToken::new(),
-                    observer: &mut bar,
-                },
-            )
-            .map_err(err)?
-        }
+    let pixels = match &init {
+        Some(img) => Some(img.to_tensor01(&base.options.device).map_err(err)?),
+        None => None,
     };
-    let (latents, decoder) = match refiner {
-        Some(r) if init.is_none() => {
-            let rp = GenerateParams {
-                denoising_start: Some(s.refiner_start),
-                denoising_end: None,
-                ..params.clone()
-            };
-            let l = image_to_image(
-                r,
-                &rp,
-                &InitImage::Latents(latents),
-                None,
-                RunControl {
-                    cancel: CancelToken::new(),
-                    observer: &mut bar,
-                },
-            )
-            .map_err(err)?;
-            (l, r)
-        }
-        _ => (latents, base),
-    };
+    // An init image runs image-to-image with the base alone; the refiner hand-off follows
+    // text-to-image.
+    let refiner = refiner
+        .filter(|_| pixels.is_none())
+        .map(|r| (r, s.refiner_start));
+    let (latents, decoder) = generate_latents(
+        base,
+        refiner,
+        &params,
+        pixels.as_ref(),
+        RunControl::observing(&mut bar),
+    )
+    .map_err(err)?;
     if let Some(path) = &s.save_latents {
         save_latents(path, &latents)?;
     }

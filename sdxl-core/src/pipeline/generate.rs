@@ -411,50 +411,56 @@ pub fn decode_images(model: &SdxlModel, latents: &Tensor) -> Result<Vec<RgbImage
     RgbImage::from_decoded(&decoded)
 }
 
-/// The whole job: text-to-image with `base`, optionally handed to `refiner` at
-/// `refiner_start` (a fraction of the schedule), decoded to images.
+/// The denoising of a whole job: `base` from noise, or from `init` pixels (`[1, 3, H, W]` in
+/// [0, 1], image-to-image at `params.strength`), then, when given, `refiner` for the part of the
+/// schedule after its hand-off fraction. Returns the final latents and the model whose VAE
+/// decodes them.
 ///
 /// # Errors
 /// Invalid parameters or model pairing, [`Error::Cancelled`], model failures.
-pub fn generate(
-    base: &SdxlModel,
-    refiner: Option<(&SdxlModel, f64)>,
+pub fn generate_latents<'m>(
+    base: &'m SdxlModel,
+    refiner: Option<(&'m SdxlModel, f64)>,
     params: &GenerateParams,
+    init: Option<&Tensor>,
     control: RunControl<'_>,
-) -> Result<Vec<RgbImage>> {
+) -> Result<(Tensor, &'m SdxlModel)> {
     let RunControl { cancel, observer } = control;
-    match refiner {
-        None => {
-            let latents = text_to_image(
-                base,
-                params,
-                None,
-                RunControl {
-                    cancel: cancel.clone(),
-                    observer,
-                },
-            )?;
-            decode_images(base, &latents)
+    if let Some((r, _)) = refiner {
+        if r.kind != ModelKind::Refiner {
+            return Err(Error::invalid(
+                "the refiner path holds a base model; pass an SDXL refiner folder",
+            ));
         }
+    }
+    let base_params = GenerateParams {
+        denoising_end: refiner.map(|(_, start)| start).or(params.denoising_end),
+        ..params.clone()
+    };
+    let latents = match init {
+        Some(pixels) => image_to_image(
+            base,
+            &base_params,
+            &InitImage::Pixels(pixels.clone()),
+            None,
+            RunControl {
+                cancel: cancel.clone(),
+                observer: &mut *observer,
+            },
+        )?,
+        None => text_to_image(
+            base,
+            &base_params,
+            None,
+            RunControl {
+                cancel: cancel.clone(),
+                observer: &mut *observer,
+            },
+        )?,
+    };
+    match refiner {
+        None => Ok((latents, base)),
         Some((refiner, start)) => {
-            if refiner.kind != ModelKind::Refiner {
-                return Err(Error::invalid(
-                    "the refiner path holds a base model; pass an SDXL refiner folder",
-                ));
-            }
-            let base_params = GenerateParams {
-                denoising_end: Some(start),
-                ..params.clone()
-            };
-            let latents = text_to_image(
-                base,
-                &base_params,
-                None,
-                RunControl {
-                    cancel: cancel.clone(),
-                    observer: &mut *observer,
-                },
-            )?;
             let refiner_params = GenerateParams {
                 denoising_end: None,
                 denoising_start: Some(start),
@@ -467,9 +473,24 @@ pub fn generate(
                 None,
                 RunControl { cancel, observer },
             )?;
-            decode_images(refiner, &latents)
+            Ok((latents, refiner))
         }
     }
+}
+
+/// The whole job: [`generate_latents`] from noise, decoded to images by the model that
+/// finished it.
+///
+/// # Errors
+/// Invalid parameters or model pairing, [`Error::Cancelled`], model failures.
+pub fn generate(
+    base: &SdxlModel,
+    refiner: Option<(&SdxlModel, f64)>,
+    params: &GenerateParams,
+    control: RunControl<'_>,
+) -> Result<Vec<RgbImage>> {
+    let (latents, decoder) = generate_latents(base, refiner, params, None, control)?;
+    decode_images(decoder, &latents)
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ pub mod prompt;
 
 pub use control::{CancelToken, Flow, NoObserver, ProgressFn, StepInfo, StepObserver, StepTensors};
 pub use generate::{
-    decode_images, decode_latents, encode_latents, generate, image_to_image, text_to_image,
-    RunControl,
+    decode_images, decode_latents, encode_latents, generate, generate_latents, image_to_image,
+    text_to_image, RunControl,
 };
 pub use image::{latent_preview, RgbImage};
 pub use model::{LoadOptions, ModelKind, SdxlModel, TextStack};
