@@ -4,7 +4,7 @@
 //! The layer types are candle-nn's; these constructors read `weight`/`bias` with shape checks so
 //! that a wrong checkpoint fails with the full key and both shapes.
 
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear};
 
 use crate::error::{Error, Result};
 use crate::loading::Weights;
@@ -64,7 +64,7 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, w: &Weights) -> Resu
     }
     let weight = w.get(channels, "weight")?;
     let bias = w.get(channels, "bias")?;
-    Ok(GroupNorm::new(weight, bias, channels, groups, eps)?)
+    Ok(GroupNorm::new(weight, bias, groups, eps))
 }
 
 /// Layer normalisation over the last dimension of size `size`, with `weight` and `bias`.
@@ -78,11 +78,13 @@ pub fn layer_norm(size: usize, eps: f64, w: &Weights) -> Result<LayerNorm> {
 }
 
 pub mod conv;
+pub mod group_norm;
 pub mod resnet;
 pub mod sampling;
 pub mod visit;
 
 pub use conv::Conv2d;
+pub use group_norm::GroupNorm;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};
 pub use visit::{LayerMut, LayerVisitor};

@@ -2,7 +2,9 @@
 //! an optional timestep-embedding projection.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, Linear};
+use candle_nn::Linear;
+
+use super::GroupNorm;
 
 use super::Conv2d;
 
@@ -96,12 +98,12 @@ impl ResnetBlock2D {
     /// # Errors
     /// Tensor shape or device failures.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

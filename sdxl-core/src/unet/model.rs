@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::GroupNorm;
 
 use crate::layers::Conv2d;
 
@@ -17,7 +16,7 @@ use super::config::UNetConfig;
 use super::embeddings::TimestepEmbedding;
 use crate::conditioning::{SinusoidalProjection, TextTimeEmbedding};
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm, LayerMut, LayerVisitor, ResnetBlock2D};
+use crate::layers::{conv2d, group_norm, GroupNorm, LayerMut, LayerVisitor, ResnetBlock2D};
 use crate::loading::{component_weight_files, Weights};
 
 /// What the UNet is conditioned on besides the timestep, batched like the latents (for

@@ -3,10 +3,10 @@
 //! flattened `H*W` pixels, with a group norm in front and a residual connection.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{GroupNorm, Linear};
+use candle_nn::Linear;
 
 use crate::error::Result;
-use crate::layers::group_norm;
+use crate::layers::{group_norm, GroupNorm};
 use crate::loading::Weights;
 
 /// Most attention-score elements materialised at once (per forward call, over the batch): 2^24,

@@ -1,14 +1,13 @@
 //! The VAE decoder (diffusers' `Decoder`): latents (after `post_quant_conv`) → image.
 
 use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
 
 use crate::layers::Conv2d;
 
 use super::blocks::{UpDecoderBlock2D, VaeMidBlock, VAE_NORM_EPS};
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm};
+use crate::layers::{conv2d, group_norm, GroupNorm};
 use crate::loading::Weights;
 
 /// `conv_in → mid_block → up_blocks → conv_norm_out → SiLU → conv_out`.
@@ -75,7 +74,7 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(self.conv_out.forward(&h)?)
     }
 }

@@ -2,14 +2,13 @@
 //! before `quant_conv`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
 
 use crate::layers::Conv2d;
 
 use super::blocks::{DownEncoderBlock2D, VaeMidBlock, VAE_NORM_EPS};
 use super::config::VaeConfig;
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, group_norm};
+use crate::layers::{conv2d, group_norm, GroupNorm};
 use crate::loading::Weights;
 
 /// `conv_in → down_blocks → mid_block → conv_norm_out → SiLU → conv_out`.
@@ -73,7 +72,7 @@ impl Encoder {
             h = block.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         Ok(self.conv_out.forward(&h)?)
     }
 }

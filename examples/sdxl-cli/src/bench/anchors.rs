@@ -2,7 +2,8 @@
 //! matmuls and one SDXL-typical 3×3 convolution. They show what the kernels reach on this
 //! machine, apart from any model code.
 
-use candle_core::Tensor;
+use candle_core::Module;
+use sdxl_core::layers::Conv2d;
 use sdxl_core::rng::TorchRng;
 use serde_json::Map;
 
@@ -46,12 +47,13 @@ impl Bench<'_> {
             let w = (rng.randn(&[c, c, 3, 3], dtype, &device).map_err(err)?
                 * (1.0 / ((9 * c) as f64).sqrt()))
             .map_err(|e| e.to_string())?;
-            let bias = rng
-                .randn(&[c], dtype, &device)
-                .map_err(err)?
-                .reshape((1, c, 1, 1))
-                .map_err(|e| e.to_string())?;
-            let conv = |x: &Tensor| x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&bias);
+            let bias = rng.randn(&[c], dtype, &device).map_err(err)?;
+            // The convolution layer the UNet and the VAE run.
+            let config = candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let conv = Conv2d::new(candle_nn::Conv2d::new(w, Some(bias), config));
             let row = Row {
                 component: "matmul",
                 op: &format!("conv3x3 {c}->{c}"),
@@ -61,7 +63,7 @@ impl Bench<'_> {
                 extra: Map::new(),
             };
             self.run_row(row, runs, &mut || {
-                conv(&x).map(drop).map_err(|e| e.to_string())
+                conv.forward(&x).map(drop).map_err(|e| e.to_string())
             });
         }
         Ok(())
