@@ -2,7 +2,10 @@
 
 pub mod diffusers;
 pub mod json;
+mod mapped;
+pub(crate) mod memory;
 pub mod single_file;
+mod transposing;
 pub mod weights;
 
 pub use diffusers::{component_weight_files, ModelIndex};

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
+use super::mapped::MappedFile;
 use crate::error::{Error, Result};
 
 /// Somewhere tensors can be read from by their full checkpoint key.
@@ -26,6 +26,29 @@ pub trait TensorSource: Send + Sync {
     /// # Errors
     /// [`Error::MissingTensor`] when absent, or a read error from the underlying file.
     fn load(&self, key: &str, device: &Device) -> Result<Tensor>;
+    /// Reads `key` onto `device` as `dtype`. Sources that can convert while reading (memory-
+    /// mapped files) override this to skip the intermediate tensor in the stored dtype.
+    ///
+    /// # Errors
+    /// As [`TensorSource::load`].
+    fn load_as(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.load(key, device)?;
+        if t.dtype() == dtype {
+            Ok(t)
+        } else {
+            Ok(t.to_dtype(dtype)?)
+        }
+    }
+    /// Reads the 2-D tensor `key` `[r, c]` onto `device` as `dtype`, transposed: a contiguous
+    /// `[c, r]` (how [`crate::layers::Linear`] keeps its weight). Memory-mapped files convert
+    /// and transpose in one pass.
+    ///
+    /// # Errors
+    /// As [`TensorSource::load`], and a tensor that is not 2-D.
+    fn load_transposed(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.load_as(key, dtype, device)?;
+        Ok(crate::kernels::transpose::transpose_2d(&t)?)
+    }
     /// Every key the source holds, in no particular order.
     fn keys(&self) -> Vec<String>;
 }
@@ -33,7 +56,9 @@ pub trait TensorSource: Send + Sync {
 /// One or more memory-mapped `.safetensors` files (several for sharded checkpoints).
 pub struct SafetensorsFiles {
     files: Vec<PathBuf>,
-    mmap: MmapedSafetensors,
+    mapped: Vec<MappedFile>,
+    /// Which of `mapped` holds each key.
+    routing: HashMap<String, usize>,
 }
 
 impl SafetensorsFiles {
@@ -51,17 +76,27 @@ impl SafetensorsFiles {
                 });
             }
         }
-        // SAFETY (of the mapping, inside candle): the files are opened read-only; like every
-        // mmap-based loader we rely on them not being truncated while the model is alive.
-        let mmap =
-            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::InvalidCheckpoint {
-                path: files.first().cloned().unwrap_or_default(),
-                reason: e.to_string(),
-            })?;
+        let mapped = files
+            .iter()
+            .map(|f| MappedFile::open(f))
+            .collect::<Result<Vec<_>>>()?;
+        let routing = mapped
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| m.keys().map(move |k| (k.clone(), i)))
+            .collect();
         Ok(Self {
             files: files.to_vec(),
-            mmap,
+            mapped,
+            routing,
         })
+    }
+
+    fn file_of(&self, key: &str) -> Result<&MappedFile> {
+        self.routing
+            .get(key)
+            .and_then(|&i| self.mapped.get(i))
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })
     }
 
     /// The files this source maps.
@@ -72,23 +107,24 @@ impl SafetensorsFiles {
 
 impl TensorSource for SafetensorsFiles {
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.mmap.get(key).ok().map(|v| v.shape().to_vec())
+        let file = self.file_of(key).ok()?;
+        file.shape(key).map(<[usize]>::to_vec)
     }
 
     fn load(&self, key: &str, device: &Device) -> Result<Tensor> {
-        if self.mmap.get(key).is_err() {
-            return Err(Error::MissingTensor { key: key.into() });
-        }
-        self.mmap
-            .load(key, device)
-            .map_err(|e| Error::InvalidCheckpoint {
-                path: self.files.first().cloned().unwrap_or_default(),
-                reason: format!("tensor `{key}`: {e}"),
-            })
+        self.file_of(key)?.load(key, None, false, device)
+    }
+
+    fn load_as(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.file_of(key)?.load(key, Some(dtype), false, device)
+    }
+
+    fn load_transposed(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.file_of(key)?.load(key, Some(dtype), true, device)
     }
 
     fn keys(&self) -> Vec<String> {
-        self.mmap.tensors().into_iter().map(|(k, _)| k).collect()
+        self.routing.keys().cloned().collect()
     }
 }
 
@@ -223,6 +259,12 @@ impl Weights {
     /// # Errors
     /// [`Error::MissingTensor`] or [`Error::ShapeMismatch`], both naming the full key.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        let key = self.checked_key(shape, name)?;
+        self.read(&key)
+    }
+
+    /// The full key of `name`, once its stored shape is known to be `shape`.
+    fn checked_key(&self, shape: impl Into<Shape>, name: &str) -> Result<String> {
         let expected: Shape = shape.into();
         let key = self.key(name);
         let found = self
@@ -236,7 +278,17 @@ impl Weights {
                 found,
             });
         }
-        self.read(&key)
+        Ok(key)
+    }
+
+    /// Reads the 2-D tensor `name`, checking that its shape is `[rows, cols]`, as its
+    /// contiguous transpose `[cols, rows]`.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] or [`Error::ShapeMismatch`], both naming the full key.
+    pub fn get_transposed(&self, (rows, cols): (usize, usize), name: &str) -> Result<Tensor> {
+        let key = self.checked_key((rows, cols), name)?;
+        self.source.load_transposed(&key, self.dtype, &self.device)
     }
 
     /// Reads `name` whatever its shape (for tensors whose shape is not implied by a config).
@@ -248,11 +300,6 @@ impl Weights {
     }
 
     fn read(&self, key: &str) -> Result<Tensor> {
-        let t = self.source.load(key, &self.device)?;
-        if t.dtype() == self.dtype {
-            Ok(t)
-        } else {
-            Ok(t.to_dtype(self.dtype)?)
-        }
+        self.source.load_as(key, self.dtype, &self.device)
     }
 }

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::loading::{SafetensorsFiles, TensorSource};
@@ -212,22 +212,48 @@ impl TensorSource for SgmSource {
             .get(key)
             .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
         let stored = self.file.load(&entry.stored, device)?;
-        Ok(match entry.transform {
-            Transform::Same => stored,
-            // A fresh buffer per third, so q, k and v do not each keep the whole fused tensor.
-            Transform::Third(i) => {
-                let rows = entry.shape.first().copied().unwrap_or(0);
-                stored.narrow(0, i * rows, rows)?.force_contiguous()?
-            }
-            // Made contiguous once at load time: layers expect row-major weights.
-            Transform::Transpose => stored.t()?.contiguous()?,
-            Transform::Squeeze => stored.reshape(entry.shape.as_slice())?,
-        })
+        transform(stored, entry)
+    }
+
+    fn load_as(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let entry = self
+            .table
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let stored = self.file.load_as(&entry.stored, dtype, device)?;
+        transform(stored, entry)
+    }
+
+    fn load_transposed(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let entry = self
+            .table
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        if matches!(entry.transform, Transform::Same) {
+            return self.file.load_transposed(&entry.stored, dtype, device);
+        }
+        let t = transform(self.file.load_as(&entry.stored, dtype, device)?, entry)?;
+        Ok(crate::kernels::transpose::transpose_2d(&t)?)
     }
 
     fn keys(&self) -> Vec<String> {
         self.table.keys().cloned().collect()
     }
+}
+
+/// Applies an entry's transform to the stored tensor.
+fn transform(stored: Tensor, entry: &Entry) -> Result<Tensor> {
+    Ok(match entry.transform {
+        Transform::Same => stored,
+        // A fresh buffer per third, so q, k and v do not each keep the whole fused tensor.
+        Transform::Third(i) => {
+            let rows = entry.shape.first().copied().unwrap_or(0);
+            stored.narrow(0, i * rows, rows)?.force_contiguous()?
+        }
+        // Made contiguous once at load time: layers expect row-major weights.
+        Transform::Transpose => stored.t()?.contiguous()?,
+        Transform::Squeeze => stored.reshape(entry.shape.as_slice())?,
+    })
 }
 
 /// The shape of a stored tensor after `transform`, or `None` when it does not apply.

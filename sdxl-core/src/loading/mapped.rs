@@ -1,0 +1,244 @@
+//! Memory-mapped safetensors files whose tensors are converted straight from the mapping into
+//! the dtype the model runs in, releasing the mapped pages as they are consumed.
+//!
+//! candle's own loader copies each tensor out of the mapping in its stored dtype and then
+//! converts it element by element into a second buffer, and every page of the file stays
+//! resident until the whole file is unmapped: loading a 5 GB f16 UNet as f32 peaked at the
+//! file plus the converted weights. Here each tensor is converted in one vectorised pass from
+//! the mapped bytes, and its pages are handed back to the page cache right after (they are
+//! clean, read-only file pages: the kernel re-reads them should they be needed again).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// Where one tensor lies in its file.
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the mapping.
+    start: usize,
+    end: usize,
+}
+
+/// One memory-mapped `.safetensors` file and the index of its tensors.
+pub(crate) struct MappedFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    entries: HashMap<String, Entry>,
+}
+
+impl MappedFile {
+    /// Maps `path` and reads its header.
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not
+        // being truncated or rewritten while it is mapped.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| invalid(e.to_string()))?;
+        let data_start = header_len + 8;
+        let entries = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let (start, end) = info.data_offsets;
+                let entry = Entry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + start,
+                    end: data_start + end,
+                };
+                (name, entry)
+            })
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            entries,
+        })
+    }
+
+    /// The stored shape of `key`.
+    pub(crate) fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.entries.get(key).map(|e| e.shape.as_slice())
+    }
+
+    /// Every key in the file.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    /// Reads `key` as `dtype` (`None`: the stored dtype) onto `device`, then releases its pages.
+    /// With `transposed`, a 2-D tensor `[r, c]` is produced as its contiguous transpose
+    /// `[c, r]`, converted and transposed in the same pass.
+    pub(crate) fn load(
+        &self,
+        key: &str,
+        dtype: Option<DType>,
+        transposed: bool,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let invalid = |reason: String| Error::InvalidCheckpoint {
+            path: self.path.clone(),
+            reason: format!("tensor `{key}`: {reason}"),
+        };
+        let bytes = self
+            .mmap
+            .get(entry.start..entry.end)
+            .ok_or_else(|| invalid("data lies outside the file".into()))?;
+        let stored = stored_dtype(entry.dtype).ok_or_else(|| {
+            Error::unsupported(format!(
+                "tensor `{key}` in {}: dtype {:?} is not supported",
+                self.path.display(),
+                entry.dtype
+            ))
+        })?;
+        let target = dtype.unwrap_or(stored);
+        self.prefetch(entry.start, entry.end - entry.start);
+        let tensor = match (transposed, entry.shape.as_slice()) {
+            (false, shape) => convert(bytes, stored, target, shape),
+            (true, &[rows, cols]) => {
+                super::transposing::convert_transposed(bytes, stored, target, rows, cols)
+            }
+            (true, shape) => Err(candle_core::Error::Msg(format!(
+                "expected a 2-D tensor to transpose, found shape {shape:?}"
+            ))),
+        }
+        .map_err(|e| invalid(e.to_string()))?;
+        self.release(entry.start, entry.end - entry.start);
+        Ok(tensor.to_device(device)?)
+    }
+
+    /// Maps a byte range in one call instead of one page fault per page (Linux 5.14+; older
+    /// kernels refuse the advice and the pages fault in as usual).
+    fn prefetch(&self, offset: usize, len: usize) {
+        #[cfg(target_os = "linux")]
+        let _ = self
+            .mmap
+            .advise_range(memmap2::Advice::PopulateRead, offset, len);
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len);
+    }
+
+    /// Drops the mapped pages of a consumed byte range from this process's resident memory.
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            // SAFETY: the mapping is read-only and backed by the file, so discarding its pages
+            // loses nothing: a later read faults them in again from the file. No Rust reference
+            // into the range outlives this call (the converted tensor owns its own buffer).
+            // Failure only means the pages stay resident, so it is ignored.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+}
+
+/// candle's dtype for a stored safetensors dtype.
+fn stored_dtype(dtype: Dtype) -> Option<DType> {
+    Some(match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F64 => DType::F64,
+        Dtype::U8 => DType::U8,
+        Dtype::U32 => DType::U32,
+        Dtype::I64 => DType::I64,
+        _ => return None,
+    })
+}
+
+/// A CPU tensor of `shape` in `target` from little-endian `bytes` stored as `stored`, converted
+/// in one pass for the float conversions a model load needs.
+fn convert(
+    bytes: &[u8],
+    stored: DType,
+    target: DType,
+    shape: &[usize],
+) -> candle_core::Result<Tensor> {
+    let cpu = &Device::Cpu;
+    match (stored, target) {
+        (DType::F16, DType::F32) => {
+            let mut out = vec![0f32; bytes.len() / 2];
+            super::memory::advise_huge_pages(&mut out);
+            with_aligned::<f16, _>(bytes, |src| src.convert_to_f32_slice(&mut out));
+            Tensor::from_vec(out, shape, cpu)
+        }
+        (DType::BF16, DType::F32) => {
+            let mut out = vec![0f32; bytes.len() / 2];
+            super::memory::advise_huge_pages(&mut out);
+            with_aligned::<bf16, _>(bytes, |src| src.convert_to_f32_slice(&mut out));
+            Tensor::from_vec(out, shape, cpu)
+        }
+        (DType::F16, DType::BF16) => {
+            let mut out = vec![bf16::ZERO; bytes.len() / 2];
+            with_aligned::<f16, _>(bytes, |src| {
+                for (d, s) in out.iter_mut().zip(src) {
+                    *d = bf16::from_f32(s.to_f32());
+                }
+            });
+            Tensor::from_vec(out, shape, cpu)
+        }
+        (DType::F32, DType::F16) => {
+            let mut out = vec![f16::ZERO; bytes.len() / 4];
+            with_aligned::<f32, _>(bytes, |src| out.convert_from_f32_slice(src));
+            Tensor::from_vec(out, shape, cpu)
+        }
+        (DType::F32, DType::BF16) => {
+            let mut out = vec![bf16::ZERO; bytes.len() / 4];
+            with_aligned::<f32, _>(bytes, |src| out.convert_from_f32_slice(src));
+            Tensor::from_vec(out, shape, cpu)
+        }
+        _ => Tensor::from_raw_buffer(bytes, stored, shape, cpu)?.to_dtype(target),
+    }
+}
+
+/// Runs `f` on `bytes` viewed as `T` values, through an aligned copy when the mapping places
+/// them unaligned (safetensors does not promise alignment).
+pub(super) fn with_aligned<T: Copy + Default, R>(bytes: &[u8], f: impl FnOnce(&[T]) -> R) -> R {
+    // SAFETY: `T` is a plain float type: every bit pattern is a valid value.
+    let (head, values, tail) = unsafe { bytes.align_to::<T>() };
+    if head.is_empty() && tail.is_empty() {
+        return f(values);
+    }
+    let size = std::mem::size_of::<T>();
+    let mut copy = vec![T::default(); bytes.len() / size];
+    // SAFETY: `copy` holds exactly `bytes.len() / size` values of `size` bytes; the byte copy
+    // fills them from the unaligned source.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            copy.as_mut_ptr().cast::<u8>(),
+            copy.len() * size,
+        );
+    }
+    f(&copy)
+}
