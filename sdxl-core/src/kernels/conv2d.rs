@@ -259,7 +259,11 @@ fn convolve(
                 // `cols` holds `k × n` values and `w` holds `c_out × k`.
                 unsafe {
                     gemm_into(
-                        GemmShape { m: g.c_out, n, k: g.k() },
+                        GemmShape {
+                            m: g.c_out,
+                            n,
+                            k: g.k(),
+                        },
                         w.as_ptr(),
                         cols.as_ptr(),
                         n,
@@ -275,7 +279,11 @@ fn convolve(
                     // `c_out × k`.
                     unsafe {
                         gemm_into(
-                            GemmShape { m: g.c_out, n, k: g.k() },
+                            GemmShape {
+                                m: g.c_out,
+                                n,
+                                k: g.k(),
+                            },
                             w.as_ptr(),
                             cols.as_ptr(),
                             n,
@@ -496,7 +504,11 @@ mod tests {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-                assert!(worst < 1e-4, "case {:?}: worst {worst}", (b, ci, h, w, co, k, p, s, d));
+                assert!(
+                    worst < 1e-4,
+                    "case {:?}: worst {worst}",
+                    (b, ci, h, w, co, k, p, s, d)
+                );
             }
         }
     }

@@ -85,7 +85,9 @@ fn normalise_group(
     let mean = sum_f64(src, |v| v) / n;
     let variance = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
     let inv_std = 1.0 / (variance + params.eps).sqrt();
-    let channels = src.chunks(spatial.max(1)).zip(dst.chunks_mut(spatial.max(1)));
+    let channels = src
+        .chunks(spatial.max(1))
+        .zip(dst.chunks_mut(spatial.max(1)));
     for (c, (src, dst)) in channels.enumerate() {
         let channel = first_channel + c;
         let (w, b) = (weight.get(channel), bias.get(channel));
@@ -131,10 +133,14 @@ mod tests {
     /// Ours against candle-nn's `GroupNorm` (and SiLU), on 3-d and 4-d inputs.
     #[test]
     fn matches_candle_group_norm() {
-        for (shape, groups) in [(vec![2, 8, 5, 7], 4), (vec![1, 6, 33], 3), (vec![3, 4, 2, 2], 1)] {
+        for (shape, groups) in [
+            (vec![2, 8, 5, 7], 4),
+            (vec![1, 6, 33], 3),
+            (vec![3, 4, 2, 2], 1),
+        ] {
             let channels = shape[1];
-            let x = (Tensor::randn(0f32, 2.0, shape.as_slice(), &Device::Cpu).unwrap() + 3.0)
-                .unwrap();
+            let x =
+                (Tensor::randn(0f32, 2.0, shape.as_slice(), &Device::Cpu).unwrap() + 3.0).unwrap();
             let weight = Tensor::randn(0f32, 1.0, channels, &Device::Cpu).unwrap();
             let bias = Tensor::randn(0f32, 1.0, channels, &Device::Cpu).unwrap();
             let theirs =
@@ -151,7 +157,11 @@ mod tests {
                     silu,
                 };
                 let ours = group_norm_f32(&x, &params).unwrap();
-                let expected = if silu { theirs.silu().unwrap() } else { theirs.clone() };
+                let expected = if silu {
+                    theirs.silu().unwrap()
+                } else {
+                    theirs.clone()
+                };
                 let worst = (ours - expected)
                     .unwrap()
                     .abs()
@@ -162,7 +172,10 @@ mod tests {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-                assert!(worst < 1e-5, "{shape:?} groups {groups} silu {silu}: worst {worst}");
+                assert!(
+                    worst < 1e-5,
+                    "{shape:?} groups {groups} silu {silu}: worst {worst}"
+                );
             }
         }
     }

@@ -2,3 +2,4 @@
 
 pub mod conv2d;
 pub mod group_norm;
+pub mod transpose;

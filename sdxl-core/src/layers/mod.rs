@@ -4,7 +4,7 @@
 //! The layer types are candle-nn's; these constructors read `weight`/`bias` with shape checks so
 //! that a wrong checkpoint fails with the full key and both shapes.
 
-use candle_nn::{Conv2dConfig, LayerNorm, Linear};
+use candle_nn::{Conv2dConfig, LayerNorm};
 
 use crate::error::{Error, Result};
 use crate::loading::Weights;
@@ -14,13 +14,13 @@ use crate::loading::Weights;
 /// # Errors
 /// Missing or misshapen tensors.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, w: &Weights) -> Result<Linear> {
-    let weight = w.get((out_dim, in_dim), "weight")?;
+    let weight_t = w.get_transposed((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(w.get(out_dim, "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::from_transposed(weight_t, bias)?)
 }
 
 /// A 2-D convolution with a square `kernel`, `stride` and `padding`, with bias.
@@ -79,12 +79,14 @@ pub fn layer_norm(size: usize, eps: f64, w: &Weights) -> Result<LayerNorm> {
 
 pub mod conv;
 pub mod group_norm;
+pub mod linear;
 pub mod resnet;
 pub mod sampling;
 pub mod visit;
 
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
+pub use linear::Linear;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};
 pub use visit::{LayerMut, LayerVisitor};

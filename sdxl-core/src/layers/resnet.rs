@@ -1,10 +1,8 @@
 //! diffusers' `ResnetBlock2D`: two normalised 3×3 convolutions with a residual connection and
 //! an optional timestep-embedding projection.
 
+use super::{GroupNorm, Linear};
 use candle_core::{Module, Tensor};
-use candle_nn::Linear;
-
-use super::GroupNorm;
 
 use super::Conv2d;
 

@@ -1,10 +1,8 @@
 //! Visiting a model's weight-bearing layers by checkpoint name, to edit their weights in place
 //! (fusing a LoRA, for example).
 
+use super::{Conv2d, Linear};
 use candle_core::Tensor;
-use candle_nn::Linear;
-
-use super::Conv2d;
 
 use crate::error::{Error, Result};
 
@@ -40,7 +38,7 @@ impl LayerMut<'_> {
             });
         }
         match self {
-            LayerMut::Linear(l) => **l = Linear::new(weight, l.bias().cloned()),
+            LayerMut::Linear(l) => **l = Linear::new(weight, l.bias().cloned())?,
             LayerMut::Conv2d(c) => {
                 **c = Conv2d::new(candle_nn::Conv2d::new(
                     weight,

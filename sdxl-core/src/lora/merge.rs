@@ -327,8 +327,9 @@ fn merge(model: &mut SdxlModel, plan: &Plan<'_>) -> Result<Vec<MergedLayer>> {
             };
             let original = layer.weight().clone();
             let new = merged_weight(&original, contributions)?;
-            let id = new.id();
             layer.set_weight(name, new)?;
+            // The layer may store the weight in another layout: remember what it holds now.
+            let id = layer.weight().id();
             merged.push(MergedLayer {
                 component,
                 module: name.to_string(),

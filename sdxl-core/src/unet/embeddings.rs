@@ -2,11 +2,10 @@
 //! embedding every resnet receives (`time_embedding`, and SDXL's `add_embedding`).
 
 use candle_core::{Module, Tensor};
-use candle_nn::Linear;
 
 use super::attention::LinearVisitor;
 use crate::error::Result;
-use crate::layers::linear;
+use crate::layers::{linear, Linear};
 use crate::loading::Weights;
 
 /// `linear_1 → SiLU → linear_2`.

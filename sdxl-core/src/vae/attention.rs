@@ -3,10 +3,9 @@
 //! flattened `H*W` pixels, with a group norm in front and a residual connection.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::Linear;
 
 use crate::error::Result;
-use crate::layers::{group_norm, GroupNorm};
+use crate::layers::{group_norm, GroupNorm, Linear};
 use crate::loading::Weights;
 
 /// Most attention-score elements materialised at once (per forward call, over the batch): 2^24,
@@ -117,7 +116,7 @@ fn projection(w: &Weights, channels: usize, name: &str, legacy: &str) -> Result<
         w.get((channels, channels), "weight")?
     };
     let bias = w.get(channels, "bias")?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok(Linear::new(weight, Some(bias))?)
 }
 
 #[cfg(test)]

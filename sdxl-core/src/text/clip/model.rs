@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear};
+use candle_nn::LayerNorm;
+
+use crate::layers::Linear;
 
 use super::config::{Activation, ClipTextConfig};
 use crate::error::{Error, Result};
