@@ -11,6 +11,7 @@
 
 pub mod conditioning;
 pub mod error;
+pub mod kernels;
 pub mod layers;
 pub mod loading;
 pub mod lora;

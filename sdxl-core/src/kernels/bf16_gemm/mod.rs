@@ -1,0 +1,373 @@
+//! Native bf16 matrix multiply for the CPU: `C (+)= A . B` with bf16 inputs and f32
+//! accumulation.
+//!
+//! candle 0.11 widens bf16 matmuls to f32 on the CPU; this kernel instead feeds bf16 pairs to
+//! the AVX512-BF16 dot-product instruction (`vdpbf16ps`, 32 multiply-adds per instruction).
+//!
+//! Structure (BLIS/GotoBLAS): A is packed once into `MR`-row panels of k-pairs (shared by all
+//! threads); the columns of B are split across threads, each thread packs `NC`-column blocks of
+//! B into `NR`-column panels, and for each `MC x NC` block of C accumulates `KC`-deep slices into
+//! an f32 scratch block with an `MR x NR` register-tiled micro-kernel, then writes the block to
+//! C once (adding to it, or rounding to bf16). The order of the k-sum for every element depends
+//! only on `KC`, never on the thread split, so results are identical for any `threads`.
+//!
+//! Dispatch: on x86-64 CPUs with `avx512bf16` (probed at run time, cached by std) the
+//! AVX512-BF16 micro-kernel runs; everywhere else (other CPUs, other architectures) a portable
+//! micro-kernel computes the same products in plain f32 over the same packed layout. It is
+//! correct but slower than candle's f32 GEMM, so callers that have candle as an alternative
+//! check [`native_available`] first (as [`crate::kernels::matmul`] does).
+
+mod mat;
+mod microkernel;
+mod pack;
+
+use half::bf16;
+use rayon::prelude::*;
+
+pub use mat::{MatMut, MatRef};
+
+use crate::error::{Error, Result};
+
+/// Rows of C per micro-tile (one broadcast A pair per row and k-pair).
+const MR: usize = 12;
+/// Vectors of 16 floats per micro-tile row.
+const NV: usize = 2;
+/// Columns of C per micro-tile.
+const NR: usize = 16 * NV;
+/// k-pairs per k-block (`KC = 2 * KC2` bf16 values): one B micro-panel, `KC2 * NR * 4` bytes,
+/// stays in L1 while the A panels of the block stream from L2.
+const KC2: usize = 128;
+/// A panels (of `MR` rows) per M-block: the `MC x KC` slice of A stays in L2.
+const MC_PANELS: usize = 16;
+/// B panels (of `NR` columns) per N-block: the packed `k x NC` block of B stays in L2/L3.
+const NC_PANELS: usize = 16;
+
+/// Whether the native AVX512-BF16 kernel runs on this CPU (else the portable one does).
+pub fn native_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        microkernel::avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+mod sealed {
+    /// Restricts [`super::GemmOutput`] to the types this module implements.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// Element types the GEMM can write: `f32`, or `bf16` rounded to nearest-even (as `half` and
+/// candle round).
+pub trait GemmOutput: sealed::Sealed + Copy + Send + Sync + 'static {
+    /// The value to store given the old value, the f32 product sum and the accumulate flag.
+    fn combine(old: Self, acc: f32, accumulate: bool) -> Self;
+    /// Zero.
+    fn zero() -> Self;
+}
+
+impl GemmOutput for f32 {
+    #[inline(always)]
+    fn combine(old: Self, acc: f32, accumulate: bool) -> Self {
+        if accumulate {
+            old + acc
+        } else {
+            acc
+        }
+    }
+    fn zero() -> Self {
+        0.0
+    }
+}
+
+impl GemmOutput for bf16 {
+    #[inline(always)]
+    fn combine(old: Self, acc: f32, accumulate: bool) -> Self {
+        if accumulate {
+            bf16::from_f32(old.to_f32() + acc)
+        } else {
+            bf16::from_f32(acc)
+        }
+    }
+    fn zero() -> Self {
+        bf16::ZERO
+    }
+}
+
+/// Which micro-kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// AVX512-BF16 (only chosen when [`native_available`]).
+    #[cfg(target_arch = "x86_64")]
+    Native,
+    /// Plain f32 arithmetic, any target.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if native_available() {
+            return Kernel::Native;
+        }
+        Kernel::Portable
+    }
+
+    /// One micro-tile; `false` if the slices are too short (an internal sizing bug).
+    #[inline(always)]
+    fn tile(self, kp: usize, a: &[u32], b: &[u32], c: &mut [f32], ldc: usize, first: bool) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Native => microkernel::avx512::kernel::<MR, NV>(kp, a, b, c, ldc, first),
+            Kernel::Portable => microkernel::portable::<MR, NR>(kp, a, b, c, ldc, first),
+        }
+    }
+}
+
+/// `C = A . B` (or `C += A . B` with `accumulate`) for bf16 `A [m x k]` and `B [k x n]`, with
+/// f32 accumulation, writing `f32` or `bf16` C (`O`), on `threads` threads of rayon's global
+/// pool (`threads <= 1` runs on the calling thread).
+///
+/// Any strides are accepted for A and B (a transposed weight is read in place). With bf16
+/// output and `accumulate`, the old value is widened, added in f32 and rounded once. Results do
+/// not depend on `threads`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if the shapes disagree (`A.cols != B.rows`, C not `m x n`) or a
+/// working buffer size overflows.
+pub fn gemm_bf16<O: GemmOutput>(
+    a: MatRef<'_, bf16>,
+    b: MatRef<'_, bf16>,
+    c: MatMut<'_, O>,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    gemm_with(Kernel::best(), a, b, c, accumulate, threads)
+}
+
+/// A raw pointer to C that tasks share; each task writes a disjoint set of elements.
+struct OutPtr<O> {
+    ptr: *mut O,
+    row_stride: usize,
+    col_stride: usize,
+    rows: usize,
+    cols: usize,
+}
+
+// SAFETY: tasks write disjoint elements of C (disjoint row or column ranges of a view whose
+// elements are distinct, checked by `MatMut::new`), and the `MatMut` borrow outlives the tasks.
+unsafe impl<O: Send> Sync for OutPtr<O> {}
+
+/// One thread's share: ranges of A panels (rows) and B panels (columns).
+#[derive(Debug, Clone)]
+struct Task {
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+/// Splits `0..len` into `parts` contiguous non-empty ranges of near-equal size.
+fn split_range(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, len.max(1));
+    (0..parts)
+        .map(|i| i * len / parts..(i + 1) * len / parts)
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// The thread split: columns when there are enough B panels (B is then packed once),
+/// rows otherwise.
+fn plan(m_panels: usize, n_panels: usize, threads: usize) -> Vec<Task> {
+    if threads <= 1 || n_panels >= 2 * threads || n_panels >= m_panels {
+        split_range(n_panels, threads)
+            .into_iter()
+            .map(|cols| Task {
+                rows: 0..m_panels,
+                cols,
+            })
+            .collect()
+    } else {
+        split_range(m_panels, threads)
+            .into_iter()
+            .map(|rows| Task {
+                rows,
+                cols: 0..n_panels,
+            })
+            .collect()
+    }
+}
+
+/// Allocates `len` zeroed elements, refusing absurd sizes instead of aborting.
+fn buffer<T: Clone + Default>(len: Option<usize>, what: &str) -> Result<Vec<T>> {
+    let len = len.ok_or_else(|| Error::invalid(format!("{what} size overflows usize")))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|e| Error::invalid(format!("cannot allocate {what} ({len} elements): {e}")))?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+/// The error for an internal buffer-sizing bug (never expected).
+fn internal() -> Error {
+    Error::invalid("bf16 GEMM: internal buffer too small")
+}
+
+/// [`gemm_bf16`] with an explicit micro-kernel (tests compare the two).
+fn gemm_with<O: GemmOutput>(
+    kernel: Kernel,
+    a: MatRef<'_, bf16>,
+    b: MatRef<'_, bf16>,
+    c: MatMut<'_, O>,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || c.rows != m || c.cols != n {
+        return Err(Error::invalid(format!(
+            "bf16 GEMM shapes disagree: A {}x{}, B {}x{}, C {}x{}",
+            a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let out = OutPtr {
+        ptr: c.data.as_mut_ptr(),
+        row_stride: c.row_stride,
+        col_stride: c.col_stride,
+        rows: m,
+        cols: n,
+    };
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    if let Some(x) = c.data.get_mut(i * c.row_stride + j * c.col_stride) {
+                        *x = O::zero();
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    let threads = threads.max(1);
+    let k2 = k.div_ceil(2);
+    let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let panel_a = k2 * MR;
+
+    let mut apack: Vec<u32> = buffer(m_panels.checked_mul(panel_a), "packed A")?;
+    let pack_rows = |(r, dst): (usize, &mut [u32])| pack::pack_a::<MR>(&a, r * MR, dst);
+    if threads == 1 {
+        apack.chunks_mut(panel_a).enumerate().for_each(pack_rows);
+    } else {
+        apack
+            .par_chunks_mut(panel_a)
+            .with_min_len(m_panels.div_ceil(threads))
+            .enumerate()
+            .for_each(pack_rows);
+    }
+
+    let tasks = plan(m_panels, n_panels, threads);
+    let run = |t: &Task| run_task(kernel, &apack, &b, k2, t, &out, accumulate);
+    if tasks.len() == 1 {
+        tasks.iter().try_for_each(run)
+    } else {
+        tasks.par_iter().try_for_each(run)
+    }
+}
+
+/// Computes the C elements of one task (see the module docs for the loop structure).
+fn run_task<O: GemmOutput>(
+    kernel: Kernel,
+    apack: &[u32],
+    b: &MatRef<'_, bf16>,
+    k2: usize,
+    task: &Task,
+    out: &OutPtr<O>,
+    accumulate: bool,
+) -> Result<()> {
+    let nc_max = NC_PANELS.min(task.cols.len());
+    let mc_max = MC_PANELS.min(task.rows.len());
+    let panel_b = k2 * NR;
+    let ldc = nc_max * NR;
+    let mut bpack: Vec<u32> = buffer(nc_max.checked_mul(panel_b), "packed B")?;
+    let mut scratch: Vec<f32> = buffer((mc_max * MR).checked_mul(ldc), "GEMM scratch")?;
+
+    for jc in task.cols.clone().step_by(NC_PANELS) {
+        let jn = NC_PANELS.min(task.cols.end - jc);
+        for (jj, dst) in bpack.chunks_exact_mut(panel_b).take(jn).enumerate() {
+            pack::pack_b::<NR>(b, (jc + jj) * NR, dst);
+        }
+        for ic in task.rows.clone().step_by(MC_PANELS) {
+            let im = MC_PANELS.min(task.rows.end - ic);
+            for pc in (0..k2).step_by(KC2) {
+                let kp = KC2.min(k2 - pc);
+                for jr in 0..jn {
+                    let bp = bpack.get((jr * k2 + pc) * NR..).ok_or_else(internal)?;
+                    for ir in 0..im {
+                        let ap = apack
+                            .get(((ic + ir) * k2 + pc) * MR..)
+                            .ok_or_else(internal)?;
+                        let cp = scratch
+                            .get_mut(ir * MR * ldc + jr * NR..)
+                            .ok_or_else(internal)?;
+                        if !kernel.tile(kp, ap, bp, cp, ldc, pc == 0) {
+                            return Err(internal());
+                        }
+                    }
+                }
+            }
+            write_block(
+                &scratch,
+                ldc,
+                out,
+                (ic * MR, im * MR),
+                (jc * NR, jn * NR),
+                accumulate,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes the part inside C of a `block_rows x block_cols` scratch block whose corner is C's
+/// `(r0, c0)`.
+fn write_block<O: GemmOutput>(
+    scratch: &[f32],
+    ldc: usize,
+    out: &OutPtr<O>,
+    (r0, block_rows): (usize, usize),
+    (c0, block_cols): (usize, usize),
+    accumulate: bool,
+) {
+    let cols = out.cols.saturating_sub(c0).min(block_cols).min(ldc);
+    let rows = out.rows.saturating_sub(r0).min(block_rows);
+    for (i, srow) in scratch.chunks_exact(ldc).take(rows).enumerate() {
+        let row = r0 + i;
+        let srow = srow.get(..cols).unwrap_or(&[]);
+        let base = row * out.row_stride + c0 * out.col_stride;
+        if out.col_stride == 1 {
+            // SAFETY: `row < rows` and `c0 + cols <= n`, so the row segment lies inside C's
+            // slice (checked by `MatMut::new`); no other task writes these elements.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(base), srow.len()) };
+            for (d, &s) in dst.iter_mut().zip(srow) {
+                *d = O::combine(*d, s, accumulate);
+            }
+        } else {
+            for (j, &s) in srow.iter().enumerate() {
+                // SAFETY: as above, element `(row, c0 + j)` with `c0 + j < n`.
+                unsafe {
+                    let d = out.ptr.add(base + j * out.col_stride);
+                    *d = O::combine(*d, s, accumulate);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
