@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use half::bf16;
 
-use super::bf16_gemm::{gemm_bf16, native_available, MatMut, MatRef};
+use super::bf16_gemm::{gemm_bf16_bias, native_available, Bias, MatMut, MatRef};
 
 /// `a . b` for `[..., m, k] x [..., k, n]` (the same batch dims on both sides), as
 /// `Tensor::matmul`; bf16 CPU tensors use the native bf16 GEMM (bf16 result, f32 accumulation).
@@ -19,19 +19,15 @@ use super::bf16_gemm::{gemm_bf16, native_available, MatMut, MatRef};
 /// The errors of `Tensor::matmul` (shape, dtype or device mismatch).
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if native_applies(a, b) {
-        a.apply_op2_no_bwd(
-            b,
-            &Bf16Matmul {
-                threads: candle_core::utils::get_num_threads(),
-            },
-        )
+        a.apply_op2_no_bwd(b, &Bf16Matmul::new(None))
     } else {
         a.matmul(b)
     }
 }
 
 /// `x . weightᵀ + bias` for `x [..., in]`, `weight [out, in]` and `bias [out]`, as candle-nn's
-/// `Linear`; bf16 CPU tensors use the native bf16 GEMM with the weight read transposed in place.
+/// `Linear`; bf16 CPU tensors use the native bf16 GEMM with the weight read transposed in place
+/// and the bias added in f32 before the single rounding to bf16 (as PyTorch's `addmm` does).
 ///
 /// # Errors
 /// If `weight` is not 2-D, `x`'s last dim is not `in`, `bias` does not broadcast to `[out]`, or
@@ -52,10 +48,21 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core
     }
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_features))?;
-    let y = matmul(&x2, &weight.t()?)?;
+    let wt = weight.t()?;
     let mut out_dims = lead.to_vec();
     out_dims.push(out_features);
-    let y = y.reshape(out_dims)?;
+    let fused_bias = match bias {
+        Some(b) if b.dims() == [out_features] && native_applies(&x2, &wt) => {
+            Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        }
+        _ => None,
+    };
+    if let Some(bias) = fused_bias {
+        return x2
+            .apply_op2_no_bwd(&wt, &Bf16Matmul::new(Some(bias)))?
+            .reshape(out_dims);
+    }
+    let y = matmul(&x2, &wt)?.reshape(out_dims)?;
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -77,9 +84,20 @@ fn native_applies(a: &Tensor, b: &Tensor) -> bool {
         && native_available()
 }
 
-/// The native matmul as a candle custom op (forward only).
+/// The native matmul as a candle custom op (forward only), with an optional per-column bias.
 struct Bf16Matmul {
     threads: usize,
+    col_bias: Option<Vec<f32>>,
+}
+
+impl Bf16Matmul {
+    /// The op on candle's thread count.
+    fn new(col_bias: Option<Vec<f32>>) -> Self {
+        Self {
+            threads: candle_core::utils::get_num_threads(),
+            col_bias,
+        }
+    }
 }
 
 /// Element offsets of each batch matrix of a layout with `batch_rank` leading batch dims.
@@ -149,7 +167,8 @@ impl CustomOp2 for Bf16Matmul {
             let a = MatRef::new(a_slice, m, k, ars, acs).map_err(to_candle)?;
             let b = MatRef::new(b_slice, k, n, brs, bcs).map_err(to_candle)?;
             let c = MatMut::row_major(c, m, n).map_err(to_candle)?;
-            gemm_bf16(a, b, c, false, self.threads).map_err(to_candle)?;
+            let bias = self.col_bias.as_deref().map_or(Bias::None, Bias::Cols);
+            gemm_bf16_bias(a, b, bias, c, false, self.threads).map_err(to_candle)?;
         }
         let mut shape = ad.to_vec();
         if let Some(last) = shape.last_mut() {

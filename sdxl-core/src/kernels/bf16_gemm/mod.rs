@@ -66,8 +66,6 @@ mod sealed {
 pub trait GemmOutput: sealed::Sealed + Copy + Send + Sync + 'static {
     /// The value to store given the old value, the f32 product sum and the accumulate flag.
     fn combine(old: Self, acc: f32, accumulate: bool) -> Self;
-    /// Zero.
-    fn zero() -> Self;
 }
 
 impl GemmOutput for f32 {
@@ -79,9 +77,6 @@ impl GemmOutput for f32 {
             acc
         }
     }
-    fn zero() -> Self {
-        0.0
-    }
 }
 
 impl GemmOutput for bf16 {
@@ -92,9 +87,6 @@ impl GemmOutput for bf16 {
         } else {
             bf16::from_f32(acc)
         }
-    }
-    fn zero() -> Self {
-        bf16::ZERO
     }
 }
 
@@ -129,6 +121,19 @@ impl Kernel {
     }
 }
 
+/// A bias added in f32 to the products before they are stored (and rounded, for bf16 C).
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Bias<'a> {
+    /// No bias.
+    #[default]
+    None,
+    /// One value per row of C (`m` values): a convolution's per-channel bias with C =
+    /// `weight . im2col`.
+    Rows(&'a [f32]),
+    /// One value per column of C (`n` values): a Linear layer's bias with C = `x . Wᵀ`.
+    Cols(&'a [f32]),
+}
+
 /// `C = A . B` (or `C += A . B` with `accumulate`) for bf16 `A [m x k]` and `B [k x n]`, with
 /// f32 accumulation, writing `f32` or `bf16` C (`O`), on `threads` threads of rayon's global
 /// pool (`threads <= 1` runs on the calling thread).
@@ -147,7 +152,24 @@ pub fn gemm_bf16<O: GemmOutput>(
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
-    gemm_with(Kernel::best(), a, b, c, accumulate, threads)
+    gemm_with(Kernel::best(), a, b, Bias::None, c, accumulate, threads)
+}
+
+/// [`gemm_bf16`] plus a bias added in f32 before the single store/rounding:
+/// `C (+)= A . B + bias`.
+///
+/// # Errors
+/// As [`gemm_bf16`], and [`Error::InvalidArgument`] if the bias length is not `m` (rows) or
+/// `n` (columns).
+pub fn gemm_bf16_bias<O: GemmOutput>(
+    a: MatRef<'_, bf16>,
+    b: MatRef<'_, bf16>,
+    bias: Bias<'_>,
+    c: MatMut<'_, O>,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    gemm_with(Kernel::best(), a, b, bias, c, accumulate, threads)
 }
 
 /// A raw pointer to C that tasks share; each task writes a disjoint set of elements.
@@ -216,11 +238,12 @@ fn internal() -> Error {
     Error::invalid("bf16 GEMM: internal buffer too small")
 }
 
-/// [`gemm_bf16`] with an explicit micro-kernel (tests compare the two).
+/// [`gemm_bf16_bias`] with an explicit micro-kernel (tests compare the two).
 fn gemm_with<O: GemmOutput>(
     kernel: Kernel,
     a: MatRef<'_, bf16>,
     b: MatRef<'_, bf16>,
+    bias: Bias<'_>,
     c: MatMut<'_, O>,
     accumulate: bool,
     threads: usize,
@@ -231,6 +254,21 @@ fn gemm_with<O: GemmOutput>(
             "bf16 GEMM shapes disagree: A {}x{}, B {}x{}, C {}x{}",
             a.rows, a.cols, b.rows, b.cols, c.rows, c.cols
         )));
+    }
+    match bias {
+        Bias::Rows(v) if v.len() != m => {
+            return Err(Error::invalid(format!(
+                "row bias has {} values, C has {m} rows",
+                v.len()
+            )))
+        }
+        Bias::Cols(v) if v.len() != n => {
+            return Err(Error::invalid(format!(
+                "column bias has {} values, C has {n} columns",
+                v.len()
+            )))
+        }
+        _ => {}
     }
     if m == 0 || n == 0 {
         return Ok(());
@@ -243,12 +281,11 @@ fn gemm_with<O: GemmOutput>(
         cols: n,
     };
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    if let Some(x) = c.data.get_mut(i * c.row_stride + j * c.col_stride) {
-                        *x = O::zero();
-                    }
+        // No products: C (+)= bias (zero without one).
+        for i in 0..m {
+            for j in 0..n {
+                if let Some(x) = c.data.get_mut(i * c.row_stride + j * c.col_stride) {
+                    *x = O::combine(*x, bias.at(i, j), accumulate);
                 }
             }
         }
@@ -272,7 +309,7 @@ fn gemm_with<O: GemmOutput>(
     }
 
     let tasks = plan(m_panels, n_panels, threads);
-    let run = |t: &Task| run_task(kernel, &apack, &b, k2, t, &out, accumulate);
+    let run = |t: &Task| run_task(kernel, &apack, &b, bias, k2, t, &out, accumulate);
     if tasks.len() == 1 {
         tasks.iter().try_for_each(run)
     } else {
@@ -281,10 +318,12 @@ fn gemm_with<O: GemmOutput>(
 }
 
 /// Computes the C elements of one task (see the module docs for the loop structure).
+#[allow(clippy::too_many_arguments)]
 fn run_task<O: GemmOutput>(
     kernel: Kernel,
     apack: &[u32],
     b: &MatRef<'_, bf16>,
+    bias: Bias<'_>,
     k2: usize,
     task: &Task,
     out: &OutPtr<O>,
@@ -325,6 +364,7 @@ fn run_task<O: GemmOutput>(
                 &scratch,
                 ldc,
                 out,
+                bias,
                 (ic * MR, im * MR),
                 (jc * NR, jn * NR),
                 accumulate,
@@ -340,6 +380,7 @@ fn write_block<O: GemmOutput>(
     scratch: &[f32],
     ldc: usize,
     out: &OutPtr<O>,
+    bias: Bias<'_>,
     (r0, block_rows): (usize, usize),
     (c0, block_cols): (usize, usize),
     accumulate: bool,
@@ -350,21 +391,47 @@ fn write_block<O: GemmOutput>(
         let row = r0 + i;
         let srow = srow.get(..cols).unwrap_or(&[]);
         let base = row * out.row_stride + c0 * out.col_stride;
+        let row_bias = match bias {
+            Bias::Rows(v) => v.get(row).copied().unwrap_or(0.0),
+            _ => 0.0,
+        };
+        let col_bias = match bias {
+            Bias::Cols(v) => v.get(c0..c0 + srow.len()).unwrap_or(&[]),
+            _ => &[],
+        };
         if out.col_stride == 1 {
             // SAFETY: `row < rows` and `c0 + cols <= n`, so the row segment lies inside C's
             // slice (checked by `MatMut::new`); no other task writes these elements.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(base), srow.len()) };
-            for (d, &s) in dst.iter_mut().zip(srow) {
-                *d = O::combine(*d, s, accumulate);
+            if col_bias.len() == srow.len() {
+                for ((d, &s), &bj) in dst.iter_mut().zip(srow).zip(col_bias) {
+                    *d = O::combine(*d, s + bj, accumulate);
+                }
+            } else {
+                for (d, &s) in dst.iter_mut().zip(srow) {
+                    *d = O::combine(*d, s + row_bias, accumulate);
+                }
             }
         } else {
             for (j, &s) in srow.iter().enumerate() {
+                let add = col_bias.get(j).copied().unwrap_or(row_bias);
                 // SAFETY: as above, element `(row, c0 + j)` with `c0 + j < n`.
                 unsafe {
                     let d = out.ptr.add(base + j * out.col_stride);
-                    *d = O::combine(*d, s, accumulate);
+                    *d = O::combine(*d, s + add, accumulate);
                 }
             }
+        }
+    }
+}
+
+impl Bias<'_> {
+    /// The bias of element `(i, j)` (0 without one).
+    fn at(&self, i: usize, j: usize) -> f32 {
+        match self {
+            Bias::None => 0.0,
+            Bias::Rows(v) => v.get(i).copied().unwrap_or(0.0),
+            Bias::Cols(v) => v.get(j).copied().unwrap_or(0.0),
         }
     }
 }

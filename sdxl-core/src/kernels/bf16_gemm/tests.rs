@@ -3,7 +3,7 @@
 
 use half::bf16;
 
-use super::{gemm_with, Kernel, MatMut, MatRef};
+use super::{gemm_with, Bias, Kernel, MatMut, MatRef};
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
 fn values(len: usize, seed: u64) -> Vec<bf16> {
@@ -68,6 +68,7 @@ fn check(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, threads: usize) {
             kernel,
             a,
             b,
+            Bias::None,
             MatMut::row_major(&mut c, m, n).unwrap(),
             false,
             threads,
@@ -120,6 +121,7 @@ fn zero_k_writes_zeros_or_keeps_c() {
         Kernel::Portable,
         av,
         bv,
+        Bias::None,
         MatMut::row_major(&mut c, 2, 3).unwrap(),
         true,
         1,
@@ -130,6 +132,7 @@ fn zero_k_writes_zeros_or_keeps_c() {
         Kernel::Portable,
         av,
         bv,
+        Bias::None,
         MatMut::row_major(&mut c, 2, 3).unwrap(),
         false,
         1,
@@ -151,6 +154,7 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
             kernel,
             a,
             b,
+            Bias::None,
             MatMut::row_major(&mut f, m, n).unwrap(),
             true,
             1,
@@ -161,6 +165,7 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
             kernel,
             a,
             b,
+            Bias::None,
             MatMut::row_major(&mut plain, m, n).unwrap(),
             false,
             1,
@@ -174,6 +179,7 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
             kernel,
             a,
             b,
+            Bias::None,
             MatMut::row_major(&mut h, m, n).unwrap(),
             false,
             2,
@@ -198,6 +204,7 @@ fn strided_output_and_threads_are_bit_identical() {
             kernel,
             a,
             b,
+            Bias::None,
             MatMut::row_major(&mut one, m, n).unwrap(),
             false,
             1,
@@ -210,6 +217,7 @@ fn strided_output_and_threads_are_bit_identical() {
                 kernel,
                 a,
                 b,
+                Bias::None,
                 MatMut::new(&mut cm, m, n, 1, m).unwrap(),
                 false,
                 threads,
@@ -239,9 +247,49 @@ fn bad_views_are_rejected() {
         Kernel::Portable,
         a,
         a,
+        Bias::None,
         MatMut::row_major(&mut c, 2, 2).unwrap(),
         false,
         1,
     );
     assert!(r.is_err(), "k mismatch");
+}
+
+#[test]
+fn row_and_column_bias_are_added_before_rounding() {
+    let (m, k, n) = (14, 21, 35);
+    let av = values(m * k, 7);
+    let bv = values(k * n, 8);
+    let a = MatRef::row_major(&av, m, k).unwrap();
+    let b = MatRef::new(&bv, k, n, 1, k).unwrap();
+    let rows: Vec<f32> = (0..m).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let cols: Vec<f32> = (0..n).map(|j| 2.0 - j as f32 * 0.125).collect();
+    for kernel in kernels() {
+        let mut plain = vec![0f32; m * n];
+        let c = MatMut::row_major(&mut plain, m, n).unwrap();
+        gemm_with(kernel, a, b, Bias::None, c, false, 1).unwrap();
+        for (bias, by_row) in [(Bias::Rows(&rows), true), (Bias::Cols(&cols), false)] {
+            let mut h = vec![bf16::ONE; m * n];
+            let c = MatMut::new(&mut h, m, n, 1, m).unwrap();
+            gemm_with(kernel, a, b, bias, c, true, 2).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let add = if by_row { rows[i] } else { cols[j] };
+                    let want = bf16::from_f32(1.0 + (plain[i * n + j] + add));
+                    assert_eq!(h[j * m + i].to_bits(), want.to_bits(), "({i}, {j})");
+                }
+            }
+        }
+        let mut c = vec![0f32; m * n];
+        let bad = gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::Cols(&rows),
+            MatMut::row_major(&mut c, m, n).unwrap(),
+            false,
+            1,
+        );
+        assert!(bad.is_err(), "bias length");
+    }
 }
