@@ -223,14 +223,41 @@ fn plan(m_panels: usize, n_panels: usize, threads: usize) -> Vec<Task> {
     }
 }
 
-/// Allocates `len` zeroed elements, refusing absurd sizes instead of aborting.
-fn buffer<T: Clone + Default>(len: Option<usize>, what: &str) -> Result<Vec<T>> {
+/// Buffers larger than this many bytes are freed after a call instead of kept for the next.
+const KEEP_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// Packed A of the last call on this thread, reused (never re-zeroed: packing overwrites it).
+    static PACKED_A: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Packed B block of the last task on this thread.
+    static PACKED_B: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// f32 scratch block of the last task on this thread.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A working buffer of at least `len` elements, taken from this thread's cache (contents
+/// unspecified: every user overwrites what it reads). Refuses absurd sizes instead of aborting.
+fn take_buffer<T: Copy + Default>(
+    cache: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    len: Option<usize>,
+    what: &str,
+) -> Result<Vec<T>> {
     let len = len.ok_or_else(|| Error::invalid(format!("{what} size overflows usize")))?;
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|e| Error::invalid(format!("cannot allocate {what} ({len} elements): {e}")))?;
-    v.resize(len, T::default());
+    let mut v = cache.take();
+    if v.len() < len {
+        v.clear();
+        v.try_reserve_exact(len)
+            .map_err(|e| Error::invalid(format!("cannot allocate {what} ({len} elements): {e}")))?;
+        v.resize(len, T::default());
+    }
     Ok(v)
+}
+
+/// Returns a buffer to this thread's cache unless it is large.
+fn keep_buffer<T>(cache: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>, v: Vec<T>) {
+    if v.capacity() * std::mem::size_of::<T>() <= KEEP_BYTES {
+        cache.set(v);
+    }
 }
 
 /// The error for an internal buffer-sizing bug (never expected).
@@ -296,12 +323,14 @@ fn gemm_with<O: GemmOutput>(
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let panel_a = k2 * MR;
 
-    let mut apack: Vec<u32> = buffer(m_panels.checked_mul(panel_a), "packed A")?;
+    let a_len = m_panels.checked_mul(panel_a);
+    let mut apack = take_buffer(&PACKED_A, a_len, "packed A")?;
+    let packed = apack.get_mut(..a_len.unwrap_or(0)).ok_or_else(internal)?;
     let pack_rows = |(r, dst): (usize, &mut [u32])| pack::pack_a::<MR>(&a, r * MR, dst);
     if threads == 1 {
-        apack.chunks_mut(panel_a).enumerate().for_each(pack_rows);
+        packed.chunks_mut(panel_a).enumerate().for_each(pack_rows);
     } else {
-        apack
+        packed
             .par_chunks_mut(panel_a)
             .with_min_len(m_panels.div_ceil(threads))
             .enumerate()
@@ -309,32 +338,68 @@ fn gemm_with<O: GemmOutput>(
     }
 
     let tasks = plan(m_panels, n_panels, threads);
-    let run = |t: &Task| run_task(kernel, &apack, &b, bias, k2, t, &out, accumulate);
-    if tasks.len() == 1 {
+    let job = Job {
+        kernel,
+        apack: &apack,
+        b: &b,
+        bias,
+        k2,
+        out: &out,
+        accumulate,
+    };
+    let run = |t: &Task| run_task(&job, t);
+    let done = if tasks.len() == 1 {
         tasks.iter().try_for_each(run)
     } else {
         tasks.par_iter().try_for_each(run)
-    }
+    };
+    keep_buffer(&PACKED_A, apack);
+    done
+}
+
+/// What every task of one GEMM shares.
+struct Job<'j, 'd, O> {
+    kernel: Kernel,
+    apack: &'j [u32],
+    b: &'j MatRef<'d, bf16>,
+    bias: Bias<'j>,
+    k2: usize,
+    out: &'j OutPtr<O>,
+    accumulate: bool,
 }
 
 /// Computes the C elements of one task (see the module docs for the loop structure).
-#[allow(clippy::too_many_arguments)]
-fn run_task<O: GemmOutput>(
-    kernel: Kernel,
-    apack: &[u32],
-    b: &MatRef<'_, bf16>,
-    bias: Bias<'_>,
-    k2: usize,
-    task: &Task,
-    out: &OutPtr<O>,
-    accumulate: bool,
-) -> Result<()> {
+fn run_task<O: GemmOutput>(job: &Job<'_, '_, O>, task: &Task) -> Result<()> {
     let nc_max = NC_PANELS.min(task.cols.len());
     let mc_max = MC_PANELS.min(task.rows.len());
+    let ldc = nc_max * NR;
+    let mut bpack = take_buffer(&PACKED_B, nc_max.checked_mul(job.k2 * NR), "packed B")?;
+    let mut scratch = take_buffer(&SCRATCH, (mc_max * MR).checked_mul(ldc), "GEMM scratch")?;
+    let done = compute_task(job, task, &mut bpack, &mut scratch);
+    keep_buffer(&PACKED_B, bpack);
+    keep_buffer(&SCRATCH, scratch);
+    done
+}
+
+/// [`run_task`] with its buffers.
+fn compute_task<O: GemmOutput>(
+    job: &Job<'_, '_, O>,
+    task: &Task,
+    bpack: &mut [u32],
+    scratch: &mut [f32],
+) -> Result<()> {
+    let Job {
+        kernel,
+        apack,
+        b,
+        bias,
+        k2,
+        out,
+        accumulate,
+    } = *job;
+    let nc_max = NC_PANELS.min(task.cols.len());
     let panel_b = k2 * NR;
     let ldc = nc_max * NR;
-    let mut bpack: Vec<u32> = buffer(nc_max.checked_mul(panel_b), "packed B")?;
-    let mut scratch: Vec<f32> = buffer((mc_max * MR).checked_mul(ldc), "GEMM scratch")?;
 
     for jc in task.cols.clone().step_by(NC_PANELS) {
         let jn = NC_PANELS.min(task.cols.end - jc);
@@ -361,7 +426,7 @@ fn run_task<O: GemmOutput>(
                 }
             }
             write_block(
-                &scratch,
+                scratch,
                 ldc,
                 out,
                 bias,

@@ -31,31 +31,69 @@ fn at<'a>(m: &MatRef<'a, bf16>, i: usize, j: usize) -> Option<&'a bf16> {
     }
 }
 
+/// Packs `W` lines that run along k (rows of a row-major A, columns of a transposed B) into
+/// `[k2][W]` pairs; a line shorter than k (e.g. empty, past the matrix) is zero-padded.
+///
+/// Works in blocks of 16 pairs (one 64-byte line of each source), reading each source line
+/// sequentially while the `16 x W` destination block stays in L1.
+#[inline(always)]
+fn pack_lines<const W: usize>(lines: &[&[bf16]; W], dst: &mut [u32]) {
+    const BLOCK: usize = 16;
+    for (blk, d) in dst.chunks_mut(BLOCK * W).enumerate() {
+        let k0 = 2 * BLOCK * blk;
+        for (j, line) in lines.iter().enumerate() {
+            prefetch(line.get(k0 + 8 * BLOCK..));
+            let src = line.get(k0..).unwrap_or(&[]);
+            let src = src.get(..2 * BLOCK).unwrap_or(src);
+            let mut pairs = src.chunks_exact(2);
+            let mut tail = pairs.remainder().first();
+            for row in d.chunks_exact_mut(W) {
+                let value = match pairs.next() {
+                    Some([a, b]) => u32::from(a.to_bits()) | (u32::from(b.to_bits()) << 16),
+                    // An odd tail value, then zeros past the end of the line.
+                    _ => pair(tail.take(), None),
+                };
+                if let Some(x) = row.get_mut(j) {
+                    *x = value;
+                }
+            }
+        }
+    }
+}
+
+/// Hints the CPU to fetch the cache line at the start of `ahead` (a no-op elsewhere).
+#[inline(always)]
+fn prefetch(ahead: Option<&[bf16]>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = ahead {
+        // SAFETY: prefetching is only a hint; it never faults, even for an invalid address, and
+        // here the address is inside a live slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(v.as_ptr().cast())
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
+}
+
 /// Packs rows `r0 .. r0 + MR` of `a` (all of k) into `dst` (`k2 * MR` pairs).
 pub(super) fn pack_a<const MR: usize>(a: &MatRef<'_, bf16>, r0: usize, dst: &mut [u32]) {
     let k = a.cols;
-    for i in 0..MR {
-        let row = r0 + i;
-        let base = row.saturating_mul(a.row_stride);
-        let contiguous = match (row < a.rows, a.col_stride) {
-            (true, 1) => a.data.get(base..base + k),
-            _ => None,
-        };
-        match contiguous {
-            Some(src) => {
-                for (d, p) in dst.chunks_exact_mut(MR).zip(src.chunks(2)) {
-                    if let Some(x) = d.get_mut(i) {
-                        *x = pair(p.first(), p.get(1));
-                    }
-                }
+    if a.col_stride == 1 {
+        let lines: [&[bf16]; MR] = std::array::from_fn(|i| {
+            let row = r0 + i;
+            let base = row.saturating_mul(a.row_stride);
+            match row < a.rows {
+                true => a.data.get(base..base + k).unwrap_or(&[]),
+                false => &[],
             }
-            None => {
-                for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
-                    if let Some(x) = d.get_mut(i) {
-                        *x = pair(at(a, row, 2 * p), at(a, row, 2 * p + 1));
-                    }
-                }
-            }
+        });
+        pack_lines(&lines, dst);
+        return;
+    }
+    for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = pair(at(a, r0 + i, 2 * p), at(a, r0 + i, 2 * p + 1));
         }
     }
 }
@@ -89,28 +127,14 @@ pub(super) fn pack_b<const NR: usize>(b: &MatRef<'_, bf16>, c0: usize, dst: &mut
         }
     } else if b.row_stride == 1 && width > 0 {
         // Transposed B (e.g. a [n, k] weight): each column is contiguous in k.
-        for j in 0..NR {
-            let col = c0 + j;
-            let start = col.saturating_mul(b.col_stride);
-            let src = if j < width {
-                b.data.get(start..start + k).unwrap_or(&[])
-            } else {
-                &[]
-            };
-            if src.is_empty() {
-                for d in dst.chunks_exact_mut(NR) {
-                    if let Some(x) = d.get_mut(j) {
-                        *x = 0;
-                    }
-                }
-            } else {
-                for (d, p) in dst.chunks_exact_mut(NR).zip(src.chunks(2)) {
-                    if let Some(x) = d.get_mut(j) {
-                        *x = pair(p.first(), p.get(1));
-                    }
-                }
+        let lines: [&[bf16]; NR] = std::array::from_fn(|j| {
+            let start = (c0 + j).saturating_mul(b.col_stride);
+            match j < width {
+                true => b.data.get(start..start + k).unwrap_or(&[]),
+                false => &[],
             }
-        }
+        });
+        pack_lines(&lines, dst);
     } else {
         for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
             for (j, x) in d.iter_mut().enumerate() {
