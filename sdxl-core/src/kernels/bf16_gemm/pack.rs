@@ -98,6 +98,54 @@ pub(super) fn pack_a<const MR: usize>(a: &MatRef<'_, bf16>, r0: usize, dst: &mut
     }
 }
 
+/// Packs `dst.len() / panel_len` consecutive panels of `NR` columns from column `c0` of `b`
+/// (all of k) into `dst`, one panel of `panel_len = k2 * NR` pairs after the other.
+///
+/// A row-major B is read row by row across the whole block (sequential reads); other layouts
+/// panel by panel.
+pub(super) fn pack_b_block<const NR: usize>(
+    b: &MatRef<'_, bf16>,
+    c0: usize,
+    panel_len: usize,
+    dst: &mut [u32],
+) {
+    if b.col_stride != 1 || panel_len == 0 {
+        for (jj, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
+            pack_b::<NR>(b, c0 + jj * NR, panel);
+        }
+        return;
+    }
+    let (k, n) = (b.rows, b.cols);
+    let panels = dst.len() / panel_len;
+    let width = n.saturating_sub(c0).min(panels * NR);
+    for p in 0..panel_len / NR {
+        let start0 = 2 * p * b.row_stride + c0;
+        let row0 = b.data.get(start0..start0 + width).unwrap_or(&[]);
+        let row1 = if 2 * p + 1 < k {
+            let start1 = start0 + b.row_stride;
+            b.data.get(start1..start1 + width).unwrap_or(&[])
+        } else {
+            &[]
+        };
+        for (jj, panel) in dst.chunks_exact_mut(panel_len).enumerate() {
+            let Some(d) = panel.get_mut(p * NR..(p + 1) * NR) else {
+                continue;
+            };
+            let lo = row0.get(jj * NR..).unwrap_or(&[]);
+            let hi = row1.get(jj * NR..).unwrap_or(&[]);
+            if lo.len() >= NR && hi.len() >= NR {
+                for ((x, l), h) in d.iter_mut().zip(lo).zip(hi) {
+                    *x = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
+                }
+            } else {
+                for (j, x) in d.iter_mut().enumerate() {
+                    *x = pair(lo.get(j), hi.get(j));
+                }
+            }
+        }
+    }
+}
+
 /// Packs columns `c0 .. c0 + NR` of `b` (all of k) into `dst` (`k2 * NR` pairs).
 pub(super) fn pack_b<const NR: usize>(b: &MatRef<'_, bf16>, c0: usize, dst: &mut [u32]) {
     let (k, n) = (b.rows, b.cols);

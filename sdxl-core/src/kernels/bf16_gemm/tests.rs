@@ -107,8 +107,8 @@ fn small_and_ragged_shapes_match_reference() {
 
 #[test]
 fn blocks_larger_than_one_cache_block_match_reference() {
-    // More than one k-block (KC = 256), M-block (192) and N-block (512).
-    check(200, 600, 530, false, true, 2);
+    // More than one k-block (KC <= 640), M-block (144 rows) and N-block (512 columns).
+    check(300, 1501, 530, false, true, 2);
 }
 
 #[test]
