@@ -2,7 +2,7 @@
 //!
 //! [`matmul`] and [`linear`] have candle's semantics. When both operands are bf16 tensors on the
 //! CPU and the CPU has AVX512-BF16 ([`native_available`]), they run
-//! [`gemm_bf16`] directly on the tensors' storage (strided views
+//! [`gemm_bf16_bias`] directly on the tensors' storage (strided views
 //! such as a transposed weight are read in place, never copied) on candle's thread count
 //! ([`candle_core::utils::get_num_threads`]). Every other case (other dtypes, devices or CPUs,
 //! unequal batch dims) is candle's own `Tensor::matmul`, so results and errors match candle's.

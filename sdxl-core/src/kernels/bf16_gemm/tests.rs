@@ -37,6 +37,7 @@ fn reference(a: &MatRef<'_, bf16>, b: &MatRef<'_, bf16>) -> Vec<f64> {
 }
 
 /// Kernels this CPU runs.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
 fn kernels() -> Vec<Kernel> {
     let mut ks = vec![Kernel::Portable];
     #[cfg(target_arch = "x86_64")]
