@@ -1,0 +1,193 @@
+//! Packing of A and B panels into the k-pair layout that `vdpbf16ps` consumes.
+//!
+//! A pair is one `u32`: the bf16 of an even k index in the low half, the next k index in the
+//! high half (zero past the end of k). An A panel of `MR` rows is `[k2][MR]` pairs (each pair is
+//! broadcast to a whole register); a B panel of `NR` columns is `[k2][NR]` pairs (16 pairs fill
+//! one register), where `k2 = ceil(k / 2)`. Rows and columns past the matrix are zero, so the
+//! micro-kernel always computes full tiles.
+//!
+//! The views were bounds-checked when built, so the `get` look-ups below never miss; they stand
+//! in for indexing that could panic.
+
+use half::bf16;
+
+use super::mat::MatRef;
+
+/// One k-pair from two (optional) bf16 values.
+#[inline(always)]
+fn pair(lo: Option<&bf16>, hi: Option<&bf16>) -> u32 {
+    let lo = lo.map_or(0, |v| u32::from(v.to_bits()));
+    let hi = hi.map_or(0, |v| u32::from(v.to_bits()));
+    lo | (hi << 16)
+}
+
+/// Element `(i, j)` of a view, `None` outside it.
+#[inline(always)]
+fn at<'a>(m: &MatRef<'a, bf16>, i: usize, j: usize) -> Option<&'a bf16> {
+    if i < m.rows && j < m.cols {
+        m.data.get(i * m.row_stride + j * m.col_stride)
+    } else {
+        None
+    }
+}
+
+/// Packs `W` lines that run along k (rows of a row-major A, columns of a transposed B) into
+/// `[k2][W]` pairs; a line shorter than k (e.g. empty, past the matrix) is zero-padded.
+///
+/// Works in blocks of 16 pairs (one 64-byte line of each source), reading each source line
+/// sequentially while the `16 x W` destination block stays in L1.
+#[inline(always)]
+fn pack_lines<const W: usize>(lines: &[&[bf16]; W], dst: &mut [u32]) {
+    const BLOCK: usize = 16;
+    for (blk, d) in dst.chunks_mut(BLOCK * W).enumerate() {
+        let k0 = 2 * BLOCK * blk;
+        for (j, line) in lines.iter().enumerate() {
+            prefetch(line.get(k0 + 8 * BLOCK..));
+            let src = line.get(k0..).unwrap_or(&[]);
+            let src = src.get(..2 * BLOCK).unwrap_or(src);
+            let mut pairs = src.chunks_exact(2);
+            let mut tail = pairs.remainder().first();
+            for row in d.chunks_exact_mut(W) {
+                let value = match pairs.next() {
+                    Some([a, b]) => u32::from(a.to_bits()) | (u32::from(b.to_bits()) << 16),
+                    // An odd tail value, then zeros past the end of the line.
+                    _ => pair(tail.take(), None),
+                };
+                if let Some(x) = row.get_mut(j) {
+                    *x = value;
+                }
+            }
+        }
+    }
+}
+
+/// Hints the CPU to fetch the cache line at the start of `ahead` (a no-op elsewhere).
+#[inline(always)]
+fn prefetch(ahead: Option<&[bf16]>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = ahead {
+        // SAFETY: prefetching is only a hint; it never faults, even for an invalid address, and
+        // here the address is inside a live slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(v.as_ptr().cast())
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ahead;
+}
+
+/// Packs rows `r0 .. r0 + MR` of `a` (all of k) into `dst` (`k2 * MR` pairs).
+pub(super) fn pack_a<const MR: usize>(a: &MatRef<'_, bf16>, r0: usize, dst: &mut [u32]) {
+    let k = a.cols;
+    if a.col_stride == 1 {
+        let lines: [&[bf16]; MR] = std::array::from_fn(|i| {
+            let row = r0 + i;
+            let base = row.saturating_mul(a.row_stride);
+            match row < a.rows {
+                true => a.data.get(base..base + k).unwrap_or(&[]),
+                false => &[],
+            }
+        });
+        pack_lines(&lines, dst);
+        return;
+    }
+    for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = pair(at(a, r0 + i, 2 * p), at(a, r0 + i, 2 * p + 1));
+        }
+    }
+}
+
+/// Packs `dst.len() / panel_len` consecutive panels of `NR` columns from column `c0` of `b`
+/// (all of k) into `dst`, one panel of `panel_len = k2 * NR` pairs after the other.
+///
+/// A row-major B is read row by row across the whole block (sequential reads); other layouts
+/// panel by panel.
+pub(super) fn pack_b_block<const NR: usize>(
+    b: &MatRef<'_, bf16>,
+    c0: usize,
+    panel_len: usize,
+    dst: &mut [u32],
+) {
+    if b.col_stride != 1 || panel_len == 0 {
+        for (jj, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
+            pack_b::<NR>(b, c0 + jj * NR, panel);
+        }
+        return;
+    }
+    let (k, n) = (b.rows, b.cols);
+    let panels = dst.len() / panel_len;
+    let width = n.saturating_sub(c0).min(panels * NR);
+    for p in 0..panel_len / NR {
+        let start0 = 2 * p * b.row_stride + c0;
+        let row0 = b.data.get(start0..start0 + width).unwrap_or(&[]);
+        let row1 = if 2 * p + 1 < k {
+            let start1 = start0 + b.row_stride;
+            b.data.get(start1..start1 + width).unwrap_or(&[])
+        } else {
+            &[]
+        };
+        for (jj, panel) in dst.chunks_exact_mut(panel_len).enumerate() {
+            let Some(d) = panel.get_mut(p * NR..(p + 1) * NR) else {
+                continue;
+            };
+            let lo = row0.get(jj * NR..).unwrap_or(&[]);
+            let hi = row1.get(jj * NR..).unwrap_or(&[]);
+            if lo.len() >= NR && hi.len() >= NR {
+                for ((x, l), h) in d.iter_mut().zip(lo).zip(hi) {
+                    *x = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
+                }
+            } else {
+                for (j, x) in d.iter_mut().enumerate() {
+                    *x = pair(lo.get(j), hi.get(j));
+                }
+            }
+        }
+    }
+}
+
+/// Packs columns `c0 .. c0 + NR` of `b` (all of k) into `dst` (`k2 * NR` pairs).
+pub(super) fn pack_b<const NR: usize>(b: &MatRef<'_, bf16>, c0: usize, dst: &mut [u32]) {
+    let (k, n) = (b.rows, b.cols);
+    let width = n.saturating_sub(c0).min(NR);
+    if b.col_stride == 1 && width > 0 {
+        // Row-major B: interleave two rows at a time.
+        for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
+            let start0 = 2 * p * b.row_stride + c0;
+            let row0 = b.data.get(start0..start0 + width).unwrap_or(&[]);
+            let row1 = if 2 * p + 1 < k {
+                let start1 = start0 + b.row_stride;
+                b.data.get(start1..start1 + width).unwrap_or(&[])
+            } else {
+                &[]
+            };
+            let (body, pad) = d.split_at_mut(width.min(d.len()));
+            if row1.len() == body.len() && row0.len() == body.len() {
+                for ((x, lo), hi) in body.iter_mut().zip(row0).zip(row1) {
+                    *x = u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16);
+                }
+            } else {
+                for (j, x) in body.iter_mut().enumerate() {
+                    *x = pair(row0.get(j), row1.get(j));
+                }
+            }
+            pad.fill(0);
+        }
+    } else if b.row_stride == 1 && width > 0 {
+        // Transposed B (e.g. a [n, k] weight): each column is contiguous in k.
+        let lines: [&[bf16]; NR] = std::array::from_fn(|j| {
+            let start = (c0 + j).saturating_mul(b.col_stride);
+            match j < width {
+                true => b.data.get(start..start + k).unwrap_or(&[]),
+                false => &[],
+            }
+        });
+        pack_lines(&lines, dst);
+    } else {
+        for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
+            for (j, x) in d.iter_mut().enumerate() {
+                *x = pair(at(b, 2 * p, c0 + j), at(b, 2 * p + 1, c0 + j));
+            }
+        }
+    }
+}

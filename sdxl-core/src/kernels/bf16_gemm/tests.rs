@@ -1,0 +1,296 @@
+//! Unit tests of the slice-level GEMM against a naive f64 reference.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use half::bf16;
+
+use super::{gemm_with, Bias, Kernel, MatMut, MatRef};
+
+/// Deterministic pseudo-random bf16 values in about [-2, 2].
+fn values(len: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(((s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32)
+        })
+        .collect()
+}
+
+/// Naive `A . B` in f64 from strided views.
+fn reference(a: &MatRef<'_, bf16>, b: &MatRef<'_, bf16>) -> Vec<f64> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k)
+                .map(|p| {
+                    let x = a.data[i * a.row_stride + p * a.col_stride].to_f64();
+                    let y = b.data[p * b.row_stride + j * b.col_stride].to_f64();
+                    x * y
+                })
+                .sum();
+        }
+    }
+    c
+}
+
+/// Kernels this CPU runs.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+fn kernels() -> Vec<Kernel> {
+    let mut ks = vec![Kernel::Portable];
+    #[cfg(target_arch = "x86_64")]
+    if super::native_available() {
+        ks.push(Kernel::Native);
+    }
+    ks
+}
+
+/// Max |c - ref| / (sum_p |a||b|), the error relative to the magnitude of the products.
+fn check(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, threads: usize) {
+    let av = values(m * k, (m * 31 + k) as u64);
+    let bv = values(k * n, (n * 17 + k) as u64);
+    let a = if a_t {
+        MatRef::new(&av, m, k, 1, m).unwrap()
+    } else {
+        MatRef::row_major(&av, m, k).unwrap()
+    };
+    let b = if b_t {
+        MatRef::new(&bv, k, n, 1, k).unwrap()
+    } else {
+        MatRef::row_major(&bv, k, n).unwrap()
+    };
+    let want = reference(&a, &b);
+    let scale = (k as f64).sqrt() * 4.0 + 1.0;
+    for kernel in kernels() {
+        let mut c = vec![1.0f32; m * n];
+        gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::None,
+            MatMut::row_major(&mut c, m, n).unwrap(),
+            false,
+            threads,
+        )
+        .unwrap();
+        let worst = c
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (*x as f64 - y).abs() / scale)
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-5,
+            "{kernel:?} {m}x{k}x{n} a_t={a_t} b_t={b_t}: error {worst:e}"
+        );
+    }
+}
+
+#[test]
+fn small_and_ragged_shapes_match_reference() {
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (1, 7, 1),
+        (3, 1, 5),
+        (12, 2, 32),
+        (13, 3, 33),
+        (25, 257, 65),
+        (7, 300, 100),
+        (40, 513, 17),
+    ] {
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            check(m, k, n, a_t, b_t, 1);
+            check(m, k, n, a_t, b_t, 3);
+        }
+    }
+}
+
+#[test]
+fn blocks_larger_than_one_cache_block_match_reference() {
+    // More than one k-block (KC <= 640), M-block (144 rows) and N-block (512 columns).
+    check(300, 1501, 530, false, true, 2);
+}
+
+#[test]
+fn zero_k_writes_zeros_or_keeps_c() {
+    let (a, b): (Vec<bf16>, Vec<bf16>) = (vec![], vec![]);
+    let mut c = vec![3.0f32; 6];
+    let av = MatRef::new(&a, 2, 0, 0, 1).unwrap();
+    let bv = MatRef::new(&b, 0, 3, 3, 1).unwrap();
+    gemm_with(
+        Kernel::Portable,
+        av,
+        bv,
+        Bias::None,
+        MatMut::row_major(&mut c, 2, 3).unwrap(),
+        true,
+        1,
+    )
+    .unwrap();
+    assert_eq!(c, vec![3.0; 6]);
+    gemm_with(
+        Kernel::Portable,
+        av,
+        bv,
+        Bias::None,
+        MatMut::row_major(&mut c, 2, 3).unwrap(),
+        false,
+        1,
+    )
+    .unwrap();
+    assert_eq!(c, vec![0.0; 6]);
+}
+
+#[test]
+fn accumulate_adds_and_bf16_output_rounds_once() {
+    let (m, k, n) = (5, 9, 40);
+    let av = values(m * k, 1);
+    let bv = values(k * n, 2);
+    let a = MatRef::row_major(&av, m, k).unwrap();
+    let b = MatRef::row_major(&bv, k, n).unwrap();
+    for kernel in kernels() {
+        let mut f = vec![0.5f32; m * n];
+        gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::None,
+            MatMut::row_major(&mut f, m, n).unwrap(),
+            true,
+            1,
+        )
+        .unwrap();
+        let mut plain = vec![0f32; m * n];
+        gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::None,
+            MatMut::row_major(&mut plain, m, n).unwrap(),
+            false,
+            1,
+        )
+        .unwrap();
+        for (x, y) in f.iter().zip(&plain) {
+            assert_eq!(*x, 0.5 + *y);
+        }
+        let mut h = vec![bf16::ZERO; m * n];
+        gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::None,
+            MatMut::row_major(&mut h, m, n).unwrap(),
+            false,
+            2,
+        )
+        .unwrap();
+        for (x, y) in h.iter().zip(&plain) {
+            assert_eq!(x.to_bits(), bf16::from_f32(*y).to_bits());
+        }
+    }
+}
+
+#[test]
+fn strided_output_and_threads_are_bit_identical() {
+    let (m, k, n) = (50, 301, 130);
+    let av = values(m * k, 5);
+    let bv = values(k * n, 6);
+    let a = MatRef::row_major(&av, m, k).unwrap();
+    let b = MatRef::new(&bv, k, n, 1, k).unwrap();
+    for kernel in kernels() {
+        let mut one = vec![0f32; m * n];
+        gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::None,
+            MatMut::row_major(&mut one, m, n).unwrap(),
+            false,
+            1,
+        )
+        .unwrap();
+        for threads in [2, 3, 8] {
+            // Column-major output.
+            let mut cm = vec![0f32; m * n];
+            gemm_with(
+                kernel,
+                a,
+                b,
+                Bias::None,
+                MatMut::new(&mut cm, m, n, 1, m).unwrap(),
+                false,
+                threads,
+            )
+            .unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(one[i * n + j].to_bits(), cm[j * m + i].to_bits());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_views_are_rejected() {
+    let data = vec![bf16::ZERO; 10];
+    assert!(MatRef::new(&data, 3, 4, 4, 1).is_err());
+    assert!(MatRef::new(&data, 2, 5, 5, 1).is_ok());
+    assert!(MatRef::new(&data, 2, 2, usize::MAX, 1).is_err());
+    let mut out = vec![0f32; 10];
+    assert!(MatMut::new(&mut out, 2, 2, 1, 1).is_err(), "overlapping");
+    assert!(MatMut::new(&mut out, 2, 5, 0, 1).is_err(), "broadcast rows");
+    let a = MatRef::new(&data, 2, 5, 5, 1).unwrap();
+    let mut c = vec![0f32; 4];
+    let r = gemm_with(
+        Kernel::Portable,
+        a,
+        a,
+        Bias::None,
+        MatMut::row_major(&mut c, 2, 2).unwrap(),
+        false,
+        1,
+    );
+    assert!(r.is_err(), "k mismatch");
+}
+
+#[test]
+fn row_and_column_bias_are_added_before_rounding() {
+    let (m, k, n) = (14, 21, 35);
+    let av = values(m * k, 7);
+    let bv = values(k * n, 8);
+    let a = MatRef::row_major(&av, m, k).unwrap();
+    let b = MatRef::new(&bv, k, n, 1, k).unwrap();
+    let rows: Vec<f32> = (0..m).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let cols: Vec<f32> = (0..n).map(|j| 2.0 - j as f32 * 0.125).collect();
+    for kernel in kernels() {
+        let mut plain = vec![0f32; m * n];
+        let c = MatMut::row_major(&mut plain, m, n).unwrap();
+        gemm_with(kernel, a, b, Bias::None, c, false, 1).unwrap();
+        for (bias, by_row) in [(Bias::Rows(&rows), true), (Bias::Cols(&cols), false)] {
+            let mut h = vec![bf16::ONE; m * n];
+            let c = MatMut::new(&mut h, m, n, 1, m).unwrap();
+            gemm_with(kernel, a, b, bias, c, true, 2).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let add = if by_row { rows[i] } else { cols[j] };
+                    let want = bf16::from_f32(1.0 + (plain[i * n + j] + add));
+                    assert_eq!(h[j * m + i].to_bits(), want.to_bits(), "({i}, {j})");
+                }
+            }
+        }
+        let mut c = vec![0f32; m * n];
+        let bad = gemm_with(
+            kernel,
+            a,
+            b,
+            Bias::Cols(&rows),
+            MatMut::row_major(&mut c, m, n).unwrap(),
+            false,
+            1,
+        );
+        assert!(bad.is_err(), "bias length");
+    }
+}

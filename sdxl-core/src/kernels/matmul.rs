@@ -1,0 +1,179 @@
+//! Tensor-level matmul and linear that run bf16 CPU tensors on the native bf16 GEMM.
+//!
+//! [`matmul`] and [`linear`] have candle's semantics. When both operands are bf16 tensors on the
+//! CPU and the CPU has AVX512-BF16 ([`native_available`]), they run
+//! [`gemm_bf16_bias`] directly on the tensors' storage (strided views
+//! such as a transposed weight are read in place, never copied) on candle's thread count
+//! ([`candle_core::utils::get_num_threads`]). Every other case (other dtypes, devices or CPUs,
+//! unequal batch dims) is candle's own `Tensor::matmul`, so results and errors match candle's.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::bf16;
+
+use super::bf16_gemm::{gemm_bf16_bias, native_available, Bias, MatMut, MatRef};
+
+/// `a . b` for `[..., m, k] x [..., k, n]` (the same batch dims on both sides), as
+/// `Tensor::matmul`; bf16 CPU tensors use the native bf16 GEMM (bf16 result, f32 accumulation).
+///
+/// # Errors
+/// The errors of `Tensor::matmul` (shape, dtype or device mismatch).
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if native_applies(a, b) {
+        a.apply_op2_no_bwd(b, &Bf16Matmul::new(None))
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `x . weightᵀ + bias` for `x [..., in]`, `weight [out, in]` and `bias [out]`, as candle-nn's
+/// `Linear`; bf16 CPU tensors use the native bf16 GEMM with the weight read transposed in place
+/// and the bias added in f32 before the single rounding to bf16 (as PyTorch's `addmm` does).
+///
+/// # Errors
+/// If `weight` is not 2-D, `x`'s last dim is not `in`, `bias` does not broadcast to `[out]`, or
+/// a tensor operation fails.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (out_features, in_features) = weight.dims2()?;
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        return Err(candle_core::Error::msg(
+            "linear: input must have at least one dim",
+        ));
+    };
+    if last != in_features {
+        return Err(candle_core::Error::msg(format!(
+            "linear: input {:?} does not end in the weight's {in_features} input features",
+            dims
+        )));
+    }
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_features))?;
+    let wt = weight.t()?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out_features);
+    let fused_bias = match bias {
+        Some(b) if b.dims() == [out_features] && native_applies(&x2, &wt) => {
+            Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        }
+        _ => None,
+    };
+    if let Some(bias) = fused_bias {
+        return x2
+            .apply_op2_no_bwd(&wt, &Bf16Matmul::new(Some(bias)))?
+            .reshape(out_dims);
+    }
+    let y = matmul(&x2, &wt)?.reshape(out_dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Whether [`matmul`] takes the native path for these operands.
+fn native_applies(a: &Tensor, b: &Tensor) -> bool {
+    let (ad, bd) = (a.dims(), b.dims());
+    let r = ad.len();
+    a.dtype() == DType::BF16
+        && b.dtype() == DType::BF16
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && r >= 2
+        && bd.len() == r
+        && ad.get(..r - 2) == bd.get(..r - 2)
+        && ad.get(r - 1) == bd.get(r - 2)
+        && native_available()
+}
+
+/// The native matmul as a candle custom op (forward only), with an optional per-column bias.
+struct Bf16Matmul {
+    threads: usize,
+    col_bias: Option<Vec<f32>>,
+}
+
+impl Bf16Matmul {
+    /// The op on candle's thread count.
+    fn new(col_bias: Option<Vec<f32>>) -> Self {
+        Self {
+            threads: candle_core::utils::get_num_threads(),
+            col_bias,
+        }
+    }
+}
+
+/// Element offsets of each batch matrix of a layout with `batch_rank` leading batch dims.
+fn batch_offsets(layout: &Layout, batch_rank: usize) -> Vec<usize> {
+    let dims = layout.dims().get(..batch_rank).unwrap_or(&[]);
+    let strides = layout.stride().get(..batch_rank).unwrap_or(&[]);
+    let mut offsets = vec![layout.start_offset()];
+    for (&d, &s) in dims.iter().zip(strides) {
+        offsets = offsets
+            .iter()
+            .flat_map(|&o| (0..d).map(move |i| o + i * s))
+            .collect();
+    }
+    offsets
+}
+
+/// Our error as candle's.
+fn to_candle(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::msg(e.to_string())
+}
+
+impl CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "sdxl-bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ad, bd) = (l1.dims(), l2.dims());
+        let r = ad.len();
+        let shapes = (
+            ad.get(r.wrapping_sub(2)..),
+            bd.get(r.wrapping_sub(2)..),
+            l1.stride().get(r.wrapping_sub(2)..),
+            l2.stride().get(r.wrapping_sub(2)..),
+        );
+        let (Some(&[m, k]), Some(&[_, n]), Some(&[ars, acs]), Some(&[brs, bcs])) = shapes else {
+            return Err(candle_core::Error::msg(
+                "bf16 matmul: operands must be at least 2-D",
+            ));
+        };
+        let (a_data, b_data) = (s1.as_slice::<bf16>()?, s2.as_slice::<bf16>()?);
+        let a_offsets = batch_offsets(l1, r - 2);
+        let b_offsets = batch_offsets(l2, r - 2);
+        let mut out = vec![bf16::ZERO; a_offsets.len() * m * n];
+        let tail = |data: &'static str, off: usize, len: usize| {
+            candle_core::Error::msg(format!(
+                "bf16 matmul: {data} offset {off} is outside its storage of {len}"
+            ))
+        };
+        for ((&ao, &bo), c) in a_offsets
+            .iter()
+            .zip(&b_offsets)
+            .zip(out.chunks_exact_mut((m * n).max(1)))
+        {
+            let a_slice = a_data
+                .get(ao..)
+                .ok_or_else(|| tail("A", ao, a_data.len()))?;
+            let b_slice = b_data
+                .get(bo..)
+                .ok_or_else(|| tail("B", bo, b_data.len()))?;
+            let a = MatRef::new(a_slice, m, k, ars, acs).map_err(to_candle)?;
+            let b = MatRef::new(b_slice, k, n, brs, bcs).map_err(to_candle)?;
+            let c = MatMut::row_major(c, m, n).map_err(to_candle)?;
+            let bias = self.col_bias.as_deref().map_or(Bias::None, Bias::Cols);
+            gemm_bf16_bias(a, b, bias, c, false, self.threads).map_err(to_candle)?;
+        }
+        let mut shape = ad.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::BF16(out), Shape::from(shape)))
+    }
+}
