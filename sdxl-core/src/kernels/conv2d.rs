@@ -1,5 +1,5 @@
-//! A CPU 2-D convolution in f32 that multiplies the weight directly by column tiles of the
-//! input.
+//! A CPU 2-D convolution (f32, and bf16 on CPUs with AVX512-BF16) that multiplies the weight
+//! directly by column tiles of the input.
 //!
 //! candle 0.11's CPU convolution copies the input to NHWC, re-packs the weight on every call and
 //! gathers im2col tiles with scalar loops, which makes it about twice as slow as PyTorch's. Here
@@ -10,30 +10,153 @@
 //! The NCHW weight is already that row-major `[c_out, c_in·kh·kw]` matrix, and the product is
 //! already NCHW, so only the input is rearranged: output rows are cut into tiles, each tile's
 //! columns are gathered with row copies (zero padding at the edges), and tiles run on separate
-//! threads, each multiplying with the `gemm` crate (the same GEMM candle's matmul uses). A 1×1
+//! threads, each multiplying with the `gemm` crate in f32 (the same GEMM candle's matmul uses)
+//! or with [`bf16_gemm`] in bf16 (candle has no bf16 CPU convolution at all). A 1×1
 //! convolution with stride 1 needs no gathering at all: the input is the column matrix.
 
-use std::cell::RefCell;
-
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
+use half::bf16;
 use rayon::prelude::*;
 
-/// Bytes of gathered columns a tile aims at: big enough that the GEMM's re-packing of the
-/// weight per tile costs little, small enough that the allocator keeps reusing the buffer.
+use super::bf16_gemm::{self, Bias, MatMut, MatRef};
+
+/// Bytes of gathered columns a tile aims at: big enough that the GEMM's packing of the weight
+/// per tile costs little, small enough that the allocator keeps reusing the buffer.
 const TILE_BYTES: usize = 24 << 20;
 /// Columns below which a tile is too narrow to be worth its own weight packing: such
 /// convolutions run as one tile with the GEMM's own threads.
 const MIN_TILE_COLUMNS: usize = 512;
 
-/// Whether [`conv2d_f32`] handles this convolution: f32 tensors on the CPU, one group.
+/// Whether [`conv2d`] handles this convolution: one group, 4-d CPU tensors of one dtype, f32
+/// or (where the CPU has AVX512-BF16) bf16.
 pub fn supports(x: &Tensor, weight: &Tensor, config: &Conv2dConfig) -> bool {
+    let dtype_ok = match x.dtype() {
+        DType::F32 => true,
+        DType::BF16 => bf16_gemm::native_available(),
+        _ => false,
+    };
     matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+        && dtype_ok
+        && weight.dtype() == x.dtype()
         && config.groups == 1
         && x.rank() == 4
         && weight.rank() == 4
+}
+
+/// `conv2d(x, weight) + bias` in NCHW for the tensors [`supports`] accepts.
+///
+/// # Errors
+/// Shapes that do not fit together, or tensors [`supports`] refuses.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    config: &Conv2dConfig,
+) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F32 => conv2d_typed::<f32>(x, weight, bias, config),
+        DType::BF16 => conv2d_typed::<bf16>(x, weight, bias, config),
+        other => candle_core::bail!("conv2d kernel: unsupported dtype {other:?}"),
+    }
+}
+
+/// An element type the convolution multiplies in.
+trait ConvElement: WithDType + Default {
+    /// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])`, all row-major, `b` with row stride
+    /// `b_stride`, `dst` with row stride `dst_stride`.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        shape: GemmShape,
+        a: &[Self],
+        b: &[Self],
+        b_stride: usize,
+        bias: Option<&[f32]>,
+        dst: &mut [Self],
+        dst_stride: usize,
+        threads: usize,
+    ) -> candle_core::Result<()>;
+}
+
+impl ConvElement for f32 {
+    fn product(
+        shape: GemmShape,
+        a: &[Self],
+        b: &[Self],
+        b_stride: usize,
+        bias: Option<&[f32]>,
+        dst: &mut [Self],
+        dst_stride: usize,
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        let GemmShape { m, n, k } = shape;
+        let fits = |len: usize, rows: usize, stride: usize, cols: usize| {
+            rows == 0 || cols == 0 || (rows - 1) * stride + cols <= len
+        };
+        if !fits(a.len(), m, k, k)
+            || !fits(b.len(), k, b_stride, n)
+            || !fits(dst.len(), m, dst_stride, n)
+        {
+            candle_core::bail!("conv2d: GEMM operands are smaller than their shapes")
+        }
+        if let Some(bias) = bias {
+            for (row, &value) in dst.chunks_mut(dst_stride.max(1)).zip(bias).take(m) {
+                row.iter_mut().take(n).for_each(|d| *d = value);
+            }
+        }
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the checks above keep every addressed element of a, b and dst inside its
+        // slice, and `dst` is borrowed mutably, so nothing else touches it meanwhile.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                dst_stride as isize,
+                bias.is_some(),
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                b_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok(())
+    }
+}
+
+impl ConvElement for bf16 {
+    fn product(
+        shape: GemmShape,
+        a: &[Self],
+        b: &[Self],
+        b_stride: usize,
+        bias: Option<&[f32]>,
+        dst: &mut [Self],
+        dst_stride: usize,
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        let GemmShape { m, n, k } = shape;
+        let to_candle = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let a = MatRef::new(a, m, k, k, 1).map_err(to_candle)?;
+        let b = MatRef::new(b, k, n, b_stride, 1).map_err(to_candle)?;
+        let c = MatMut::new(dst, m, n, dst_stride, 1).map_err(to_candle)?;
+        let bias = bias.map_or(Bias::None, Bias::Rows);
+        bf16_gemm::gemm_bf16_bias(a, b, bias, c, false, threads).map_err(to_candle)
+    }
 }
 
 /// The geometry of one convolution.
@@ -69,7 +192,10 @@ impl Geometry {
                 .map(|s| s / stride + 1)
         };
         let (Some(out_h), Some(out_w)) = (span(height, kernel_h), span(width, kernel_w)) else {
-            candle_core::bail!("conv2d: the {kernel_h}x{kernel_w} kernel is larger than the padded {height}x{width} input")
+            candle_core::bail!(
+                "conv2d: the {kernel_h}x{kernel_w} kernel is larger than the padded \
+                 {height}x{width} input"
+            )
         };
         Ok(Self {
             batch,
@@ -103,72 +229,35 @@ impl Geometry {
     }
 }
 
-thread_local! {
-    /// Each thread's gathered columns, kept between calls so that every convolution does not
-    /// fault in (and zero) a fresh tile of up to [`TILE_BYTES`].
-    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Each thread's product of a tile that spans several images, before it is scattered.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on the first `len` values of this thread's `buffer`, grown when shorter. The values
-/// are whatever an earlier call left there: `f` must overwrite what it reads.
-fn with_buffer<R>(
-    buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    buffer.with_borrow_mut(|values| {
-        if values.len() < len {
-            values.resize(len, 0.0);
-        }
-        f(&mut values[..len])
-    })
-}
-
 /// A raw pointer to the output that tiles write to in disjoint places from several threads.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every tile writes only its own output columns (disjoint regions), and the buffer
+struct OutPtr<T>(*mut T);
+// SAFETY: every tile writes only its own output rows (disjoint regions), and the buffer
 // outlives the parallel loop that uses the pointer.
-unsafe impl Send for OutPtr {}
+unsafe impl<T: Send> Send for OutPtr<T> {}
 // SAFETY: as above: no two tiles touch the same element.
-unsafe impl Sync for OutPtr {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-/// `conv2d(x, weight) + bias` for f32 CPU tensors (see [`supports`]), in NCHW.
-///
-/// # Errors
-/// Shapes that do not fit together, or tensors that are not f32 on the CPU.
-pub fn conv2d_f32(
+fn conv2d_typed<T: ConvElement>(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
 ) -> candle_core::Result<Tensor> {
     let geometry = Geometry::new(x.dims(), weight.dims(), config)?;
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != geometry.c_out) {
+        candle_core::bail!("conv2d: bias does not have {} values", geometry.c_out)
+    }
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
     let (x_storage, x_layout) = x.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
-    let x_data = cpu_f32(&x_storage, x_layout)?;
-    let w_data = cpu_f32(&w_storage, w_layout)?;
-    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-    let bias_data = match &bias_guard {
-        Some((storage, layout)) => {
-            let data = cpu_f32(storage, layout)?;
-            if data.len() != geometry.c_out {
-                candle_core::bail!(
-                    "conv2d: bias has {} values for {} output channels",
-                    data.len(),
-                    geometry.c_out
-                )
-            }
-            Some(data)
-        }
-        None => None,
-    };
-    let out = convolve(&geometry, x_data, w_data, bias_data)?;
+    let x_data = cpu_slice::<T>(&x_storage, x_layout)?;
+    let w_data = cpu_slice::<T>(&w_storage, w_layout)?;
+    let out = convolve(&geometry, x_data, w_data, bias.as_deref())?;
     Tensor::from_vec(
         out,
         (
@@ -181,12 +270,15 @@ pub fn conv2d_f32(
     )
 }
 
-/// The contiguous f32 values of a CPU tensor.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The contiguous values of a CPU tensor.
+fn cpu_slice<'a, T: WithDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
     let Storage::Cpu(cpu) = storage else {
         candle_core::bail!("conv2d: expected a CPU tensor")
     };
-    let all = cpu.as_slice::<f32>()?;
+    let all = cpu.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) if end <= all.len() => Ok(&all[start..end]),
         _ => candle_core::bail!("conv2d: expected a contiguous tensor"),
@@ -194,48 +286,30 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a
 }
 
 /// Runs the convolution into a fresh NCHW buffer.
-fn convolve(
+fn convolve<T: ConvElement>(
     g: &Geometry,
-    x: &[f32],
-    w: &[f32],
+    x: &[T],
+    w: &[T],
     bias: Option<&[f32]>,
-) -> candle_core::Result<Vec<f32>> {
+) -> candle_core::Result<Vec<T>> {
     let positions = g.positions();
     let image_out = g.c_out * positions;
     if x.len() != g.batch * g.c_in * g.height * g.width || w.len() != g.c_out * g.k() {
         candle_core::bail!("conv2d: tensor sizes do not match their shapes")
     }
-    let mut out = vec![0f32; g.batch * image_out];
-    if let Some(bias) = bias {
-        for (c, channel) in out.chunks_exact_mut(positions).enumerate() {
-            channel.fill(bias[c % g.c_out]);
-        }
-    }
+    let mut out = vec![T::default(); g.batch * image_out];
     let threads = candle_core::utils::get_num_threads().max(1);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let accumulate = bias.is_some();
 
     if g.is_pointwise() {
         let image_in = g.c_in * positions;
-        for image in 0..g.batch {
-            // SAFETY: `x` holds `batch` images of `c_in × positions` values and `out` holds
-            // `batch` images of `c_out × positions`; the GEMM reads and writes inside those.
-            unsafe {
-                gemm_into(
-                    GemmShape {
-                        m: g.c_out,
-                        n: positions,
-                        k: g.c_in,
-                    },
-                    w.as_ptr(),
-                    x.as_ptr().add(image * image_in),
-                    positions,
-                    out_ptr.0.add(image * image_out),
-                    positions,
-                    accumulate,
-                    threads,
-                );
-            }
+        for (image, dst) in out.chunks_exact_mut(image_out.max(1)).enumerate() {
+            let src = x.get(image * image_in..).unwrap_or_default();
+            let shape = GemmShape {
+                m: g.c_out,
+                n: positions,
+                k: g.c_in,
+            };
+            T::product(shape, w, src, positions, bias, dst, positions, threads)?;
         }
         return Ok(out);
     }
@@ -244,64 +318,27 @@ fn convolve(
     let tile_rows = tile_rows(g, threads);
     let tiles = total_rows.div_ceil(tile_rows);
     let gemm_threads = if tiles < threads { threads } else { 1 };
-    let run_tile = |tile: usize| {
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let run_tile = |tile: usize| -> candle_core::Result<()> {
         let first_row = tile * tile_rows;
         let rows = tile_rows.min(total_rows - first_row);
         let n = rows * g.out_w;
-        with_buffer(&COLUMNS, g.k() * n, |cols| {
-            gather_columns(g, x, first_row, rows, cols);
-            let image = first_row / g.out_h;
-            let within_one_image = (first_row + rows - 1) / g.out_h == image;
-            if within_one_image {
-                let offset = image * image_out + (first_row % g.out_h) * g.out_w;
-                // SAFETY: the tile's columns `offset .. offset + n` of each of the `c_out` rows
-                // (row stride `positions`) lie inside `out` and belong to this tile alone;
-                // `cols` holds `k × n` values and `w` holds `c_out × k`.
-                unsafe {
-                    gemm_into(
-                        GemmShape {
-                            m: g.c_out,
-                            n,
-                            k: g.k(),
-                        },
-                        w.as_ptr(),
-                        cols.as_ptr(),
-                        n,
-                        out_ptr.0.add(offset),
-                        positions,
-                        accumulate,
-                        gemm_threads,
-                    );
-                }
-            } else {
-                with_buffer(&SCRATCH, g.c_out * n, |scratch| {
-                    // SAFETY: `scratch` holds `c_out × n` values, `cols` `k × n`, `w`
-                    // `c_out × k`.
-                    unsafe {
-                        gemm_into(
-                            GemmShape {
-                                m: g.c_out,
-                                n,
-                                k: g.k(),
-                            },
-                            w.as_ptr(),
-                            cols.as_ptr(),
-                            n,
-                            scratch.as_mut_ptr(),
-                            n,
-                            false,
-                            gemm_threads,
-                        );
-                    }
-                    scatter_rows(g, scratch, first_row, rows, out_ptr, accumulate);
-                });
-            }
-        });
+        let mut cols = vec![T::default(); g.k() * n];
+        gather_columns(g, x, first_row, rows, &mut cols);
+        let mut product = vec![T::default(); g.c_out * n];
+        let shape = GemmShape {
+            m: g.c_out,
+            n,
+            k: g.k(),
+        };
+        T::product(shape, w, &cols, n, bias, &mut product, n, gemm_threads)?;
+        scatter_rows(g, &product, first_row, rows, out_ptr);
+        Ok(())
     };
     if tiles == 1 {
-        run_tile(0);
+        run_tile(0)?;
     } else {
-        (0..tiles).into_par_iter().for_each(run_tile);
+        (0..tiles).into_par_iter().try_for_each(run_tile)?;
     }
     Ok(out)
 }
@@ -323,11 +360,17 @@ fn tile_rows(g: &Geometry, threads: usize) -> usize {
 
 /// Fills `cols[k, rows·out_w]` with the input values under each kernel tap for the output rows
 /// `first_row ..` (counted across the batch), zero where the tap falls in the padding.
-fn gather_columns(g: &Geometry, x: &[f32], first_row: usize, rows: usize, cols: &mut [f32]) {
+fn gather_columns<T: WithDType + Default>(
+    g: &Geometry,
+    x: &[T],
+    first_row: usize,
+    rows: usize,
+    cols: &mut [T],
+) {
     let n = rows * g.out_w;
     let taps = g.kernel_h * g.kernel_w;
     let plane = g.height * g.width;
-    for (r, col_row) in cols.chunks_exact_mut(n).enumerate() {
+    for (r, col_row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
         let channel = r / taps;
         let (ky, kx) = ((r % taps) / g.kernel_w, r % g.kernel_w);
         // Output columns whose tap lands inside the input width: ow·stride + kx·dilation −
@@ -343,12 +386,12 @@ fn gather_columns(g: &Geometry, x: &[f32], first_row: usize, rows: usize, cols: 
             let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
             let iy = (oh * g.stride + ky * g.dilation).checked_sub(g.padding);
             let Some(iy) = iy.filter(|&iy| iy < g.height && ow_start < ow_end) else {
-                out_row.fill(0.0);
+                out_row.fill(T::default());
                 continue;
             };
             let src_row = (image * g.c_in + channel) * plane + iy * g.width;
-            out_row[..ow_start].fill(0.0);
-            out_row[ow_end..].fill(0.0);
+            out_row[..ow_start].fill(T::default());
+            out_row[ow_end..].fill(T::default());
             let first_ix = ow_start * g.stride + shift - g.padding;
             if g.stride == 1 {
                 let len = ow_end - ow_start;
@@ -366,88 +409,34 @@ fn gather_columns(g: &Geometry, x: &[f32], first_row: usize, rows: usize, cols: 
     }
 }
 
-/// Copies a tile computed into `scratch[c_out, rows·out_w]` to its places in the NCHW output
-/// (a tile that spans several images), adding to the bias already there when `accumulate`.
-fn scatter_rows(
+/// Copies a tile's product `[c_out, rows·out_w]` to its places in the NCHW output.
+fn scatter_rows<T: Copy>(
     g: &Geometry,
-    scratch: &[f32],
+    product: &[T],
     first_row: usize,
     rows: usize,
-    out: OutPtr,
-    accumulate: bool,
+    out: OutPtr<T>,
 ) {
     let n = rows * g.out_w;
-    for (c, tile_channel) in scratch.chunks_exact(n).enumerate() {
+    for (c, tile_channel) in product.chunks_exact(n.max(1)).enumerate() {
         for (i, src) in tile_channel.chunks_exact(g.out_w).enumerate() {
             let global_row = first_row + i;
             let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
             let offset = ((image * g.c_out + c) * g.out_h + oh) * g.out_w;
             // SAFETY: `offset .. offset + out_w` is one output row inside the buffer, owned by
-            // this tile.
+            // this tile alone.
             let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset), g.out_w) };
-            if accumulate {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            } else {
-                dst.copy_from_slice(src);
-            }
+            dst.copy_from_slice(src);
         }
     }
 }
 
-/// Sizes of one product `C[m, n] (+)= A[m, k] · B[k, n]`.
+/// Sizes of one product `C[m, n] = A[m, k] · B[k, n]`.
 #[derive(Debug, Clone, Copy)]
 struct GemmShape {
     m: usize,
     n: usize,
     k: usize,
-}
-
-/// `C (+)= A · B` with row-major `A[m, k]` (row stride k), `B[k, n]` (row stride `b_stride`) and
-/// `C[m, n]` (row stride `c_stride`).
-///
-/// # Safety
-/// Every element addressed by these shapes and strides must be inside its allocation, and no
-/// other thread may touch the addressed elements of `c` meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
-    shape: GemmShape,
-    a: *const f32,
-    b: *const f32,
-    b_stride: usize,
-    c: *mut f32,
-    c_stride: usize,
-    accumulate: bool,
-    threads: usize,
-) {
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: forwarded from the caller's contract.
-    unsafe {
-        gemm::gemm(
-            shape.m,
-            shape.n,
-            shape.k,
-            c,
-            1,
-            c_stride as isize,
-            accumulate,
-            a,
-            1,
-            shape.k as isize,
-            b,
-            1,
-            b_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 #[cfg(test)]
@@ -486,7 +475,7 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, co, &Device::Cpu).unwrap();
             let cfg = config(p, s, d);
             for bias in [None, Some(&bias)] {
-                let ours = conv2d_f32(&x, &weight, bias, &cfg).unwrap();
+                let ours = conv2d(&x, &weight, bias, &cfg).unwrap();
                 let mut theirs = x.conv2d(&weight, p, s, d, 1).unwrap();
                 if let Some(bias) = bias {
                     theirs = theirs
@@ -513,12 +502,64 @@ mod tests {
         }
     }
 
+    /// bf16 against the f32 convolution of the same (bf16-rounded) values: f32 accumulation,
+    /// so only the final rounding to bf16 differs (half an ulp, 2⁻⁸ relative).
+    #[test]
+    fn bf16_matches_f32_of_rounded_values() {
+        if !bf16_gemm::native_available() {
+            return;
+        }
+        let d = &Device::Cpu;
+        for (b, ci, h, w, co, k, p, s) in [
+            (2, 5, 9, 7, 6, 3, 1, 1),
+            (1, 16, 20, 20, 8, 3, 1, 2),
+            (2, 8, 6, 6, 4, 1, 0, 1),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), d)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (co, ci, k, k), d)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
+            let cfg = config(p, s, 1);
+            let ours = conv2d(&x, &weight, Some(&bias), &cfg)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg).unwrap();
+            let scale = reference
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let worst = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(worst <= scale / 256.0, "worst {worst} (scale {scale})");
+        }
+    }
+
     #[test]
     fn rejects_mismatched_channels() {
         let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let weight = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d_f32(&x, &weight, None, &config(1, 1, 1)).is_err());
+        assert!(conv2d(&x, &weight, None, &config(1, 1, 1)).is_err());
         let weight = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d_f32(&x, &weight, None, &config(0, 1, 1)).is_err());
+        assert!(conv2d(&x, &weight, None, &config(0, 1, 1)).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! A linear layer that keeps its weight transposed, as the CPU GEMM wants it.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 
+use crate::kernels::matmul;
 use crate::kernels::transpose::transpose_2d;
 
 /// `y = x Wᵀ + b` with the checkpoint's `weight` `[out, in]` and optional `bias` `[out]`.
@@ -77,6 +78,11 @@ impl Module for Linear {
         } else {
             x.contiguous()?
         };
+        if x.dtype() == DType::BF16 && x.device().is_cpu() {
+            // Native bf16 GEMM with the bias fused before the rounding (falls back to candle
+            // on CPUs without AVX512-BF16).
+            return matmul::linear(&x, &self.weight, self.bias.as_ref());
+        }
         let y = x.broadcast_matmul(&self.weight_t)?;
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),

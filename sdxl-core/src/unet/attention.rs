@@ -6,6 +6,7 @@ use candle_nn::LayerNorm;
 
 use super::config::TransformerSpec;
 use crate::error::{Error, Result};
+use crate::kernels::matmul::matmul;
 use crate::layers::{group_norm, layer_norm, linear, GroupNorm, Linear};
 use crate::loading::Weights;
 
@@ -98,10 +99,9 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let scores = (matmul(&q, &k.t()?)? * self.scale)?;
         let probs = softmax_f32(&scores)?;
-        let out = probs
-            .matmul(&v)?
+        let out = matmul(&probs, &v)?
             .reshape((b, self.heads, n, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;

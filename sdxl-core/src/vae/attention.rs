@@ -5,6 +5,7 @@
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::Result;
+use crate::kernels::matmul::matmul;
 use crate::layers::{group_norm, GroupNorm, Linear};
 use crate::loading::Weights;
 
@@ -74,8 +75,8 @@ impl VaeAttention {
         let mut start = 0;
         while start < tokens {
             let len = chunk.min(tokens - start);
-            let scores = q.narrow(1, start, len)?.matmul(&k_t)?;
-            outputs.push(softmax_last_dim(&scores)?.matmul(&v)?);
+            let scores = matmul(&q.narrow(1, start, len)?, &k_t)?;
+            outputs.push(matmul(&softmax_last_dim(&scores)?, &v)?);
             start += len;
         }
         let attended = Tensor::cat(&outputs, 1)?;

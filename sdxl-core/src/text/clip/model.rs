@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
 
+use crate::kernels::matmul::matmul;
 use crate::layers::Linear;
 
 use super::config::{Activation, ClipTextConfig};
@@ -423,12 +424,11 @@ impl Attention {
         let q = heads((self.q_proj.forward(x)? * self.scale)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
-        let scores = q
-            .matmul(&k.t()?)?
+        let scores = matmul(&q, &k.t()?)?
             .to_dtype(DType::F32)?
             .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let out = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, s, h))?;
         Ok(self.out_proj.forward(&out)?)
     }
 }
