@@ -56,7 +56,7 @@ pub fn conv2d(
 /// # Errors
 /// Missing or misshapen tensors, or `groups` not dividing `channels`.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, w: &Weights) -> Result<GroupNorm> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(Error::unsupported(format!(
             "group norm `{}`: {groups} groups do not divide {channels} channels",
             w.key("weight")

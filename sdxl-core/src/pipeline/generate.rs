@@ -132,7 +132,7 @@ fn apply_denoising_end(model: &SdxlModel, params: &GenerateParams, ts: Vec<f64>)
 fn check_latent_size(model: &SdxlModel, params: &GenerateParams) -> Result<(usize, usize)> {
     params.validate()?;
     let f = model.vae.config().downscale_factor();
-    if params.width % f != 0 || params.height % f != 0 {
+    if !params.width.is_multiple_of(f) || !params.height.is_multiple_of(f) {
         return Err(Error::invalid(format!(
             "width and height must be multiples of {f} for this VAE, got {}x{}",
             params.width, params.height

@@ -44,7 +44,7 @@ pub(crate) fn fill(engine: &mut Mt19937, cached: &mut Option<f64>, out: &mut [f3
         *v = engine.uniform_f32();
     }
     out.chunks_exact_mut(BLOCK).for_each(transform_block);
-    if out.len() % BLOCK != 0 {
+    if !out.len().is_multiple_of(BLOCK) {
         // Recompute the last 16 values from fresh uniforms (they overlap the last full block).
         if let Some(last) = out.get_mut(out.len() - BLOCK..) {
             for v in last.iter_mut() {

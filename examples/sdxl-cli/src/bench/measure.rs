@@ -32,7 +32,7 @@ impl Timing {
         let n = t.len();
         let upper = t.get(n / 2).copied().unwrap_or(f64::NAN);
         match (n / 2).checked_sub(1).and_then(|i| t.get(i)) {
-            Some(lower) if n % 2 == 0 => (lower + upper) / 2.0,
+            Some(lower) if n.is_multiple_of(2) => (lower + upper) / 2.0,
             _ => upper,
         }
     }

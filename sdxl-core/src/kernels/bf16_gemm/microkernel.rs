@@ -50,13 +50,9 @@ pub(super) fn portable<const MR: usize, const NR: usize>(
     true
 }
 
-/// The AVX512-BF16 micro-kernel (`vdpbf16ps`), x86-64 only.
-///
-/// The AVX-512 intrinsics are stable since Rust 1.89, above the workspace's declared
-/// `rust-version` (1.85): building for x86-64 needs rustc >= 1.89 (the toolchain in use is 1.95).
-/// Raising `rust-version` also brings in newer lints elsewhere, left to the workspace owner.
+/// The AVX512-BF16 micro-kernel (`vdpbf16ps`), x86-64 only (its intrinsics are stable since
+/// Rust 1.89, the workspace's `rust-version`).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 pub(super) mod avx512 {
     use std::arch::x86_64::{
         __m512, __m512bh, __m512i, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_ps,

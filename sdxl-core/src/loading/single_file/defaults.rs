@@ -123,7 +123,7 @@ pub fn norm_groups(channels: usize) -> usize {
 /// Attention heads of a CLIP text encoder `hidden` wide: `hidden / 64` when 64 divides it,
 /// else 2.
 pub fn text_heads(hidden: usize) -> usize {
-    if hidden >= HEAD_DIM && hidden % HEAD_DIM == 0 {
+    if hidden >= HEAD_DIM && hidden.is_multiple_of(HEAD_DIM) {
         hidden / HEAD_DIM
     } else {
         NARROW_TEXT_HEADS

@@ -222,7 +222,7 @@ impl Shapes<'_> {
 
 /// `total / parts` when that divides exactly, else an error describing the quantity.
 fn divide(total: usize, parts: usize, what: impl FnOnce() -> String) -> Result<usize> {
-    if parts > 0 && total % parts == 0 && total >= parts {
+    if parts > 0 && total.is_multiple_of(parts) && total >= parts {
         Ok(total / parts)
     } else {
         Err(Error::unsupported(format!(

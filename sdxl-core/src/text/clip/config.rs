@@ -138,7 +138,7 @@ impl ClipTextConfig {
     /// `hidden_size`.
     pub fn head_dim(&self) -> Result<usize> {
         let heads = self.num_attention_heads;
-        if heads == 0 || self.hidden_size % heads != 0 {
+        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
             return Err(Error::unsupported(format!(
                 "CLIP text config: {heads} attention heads do not divide hidden_size {}",
                 self.hidden_size
