@@ -183,26 +183,29 @@ fn time_ids_of_the_other_model_are_invalid_argument() {
 
 #[test]
 fn unet_runs_in_half_precision() {
-    // dtype genericity: the same weights loaded as f16 give the f32 goldens within half
-    // precision (tolerance 1e-2 * max(1, max|golden|); f16 has an 11-bit mantissa).
+    // dtype genericity: the same weights loaded as f16 or bf16 give the f32 goldens within half
+    // precision, tolerance rel * max(1, max|golden|): f16 1e-2 (11-bit mantissa), bf16 6e-2
+    // (8-bit mantissa; on AVX512-BF16 CPUs this runs the native bf16 GEMM and convolution).
     let file = "goldens/unet_base.safetensors";
     let dir = common::base_dir().join("unet");
-    let unet = UNet2DConditionModel::load(&dir, DType::F16, &Device::Cpu, None).unwrap();
     let g = common::goldens(file);
     let cond = shared_conditioning(&g);
-    let mut p = common::Parity::with_tolerance(1e-2);
-    for case in cases(file) {
-        let sample = common::golden(&g, &format!("{case}.sample"));
-        let timestep = common::flat_f64(common::golden(&g, &format!("{case}.timestep")))[0];
-        let out = unet.forward(sample, timestep, &cond).unwrap();
-        assert_eq!(out.dtype(), DType::F16);
-        p.check(
-            &format!("f16 {file} {case}.out"),
-            &out,
-            common::golden(&g, &format!("{case}.out")),
-        );
+    for (dtype, name, rel) in [(DType::F16, "f16", 1e-2), (DType::BF16, "bf16", 6e-2)] {
+        let unet = UNet2DConditionModel::load(&dir, dtype, &Device::Cpu, None).unwrap();
+        let mut p = common::Parity::with_tolerance(rel);
+        for case in cases(file) {
+            let sample = common::golden(&g, &format!("{case}.sample"));
+            let timestep = common::flat_f64(common::golden(&g, &format!("{case}.timestep")))[0];
+            let out = unet.forward(sample, timestep, &cond).unwrap();
+            assert_eq!(out.dtype(), dtype);
+            p.check(
+                &format!("{name} {file} {case}.out"),
+                &out,
+                common::golden(&g, &format!("{case}.out")),
+            );
+        }
+        p.finish();
     }
-    p.finish();
 }
 
 #[test]

@@ -20,6 +20,8 @@ const FILE: &str = "goldens/vae.safetensors";
 /// Half-precision tolerance, relative to max(1, max|golden|): float16 keeps 11 significant
 /// bits and the decoder stacks a few dozen layers.
 const F16_TOLERANCE: f64 = 2e-2;
+/// bf16 against the f32 goldens, relative to max(1, max|golden|).
+const BF16_TOLERANCE: f64 = 1e-1;
 
 /// The VAE folders under test: the base's and the refiner's.
 fn vae_dirs() -> Vec<(&'static str, PathBuf)> {
@@ -183,6 +185,17 @@ fn float16_stays_close() {
     let vae = load(dir, DType::F16);
     run_encode(&vae, "f16", &mut parity);
     run_decode(&vae, "f16", &mut parity);
+    parity.finish();
+}
+
+#[test]
+fn bfloat16_stays_close() {
+    // bf16 (8-bit mantissa; the native bf16 convolution on AVX512-BF16 CPUs).
+    let mut parity = Parity::with_tolerance(BF16_TOLERANCE);
+    let (_, dir) = &vae_dirs()[0];
+    let vae = load(dir, DType::BF16);
+    run_encode(&vae, "bf16", &mut parity);
+    run_decode(&vae, "bf16", &mut parity);
     parity.finish();
 }
 
