@@ -22,4 +22,7 @@ pub mod text;
 pub mod unet;
 pub mod vae;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::{Error, ErrorCode, Result};

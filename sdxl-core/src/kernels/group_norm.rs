@@ -129,6 +129,7 @@ mod tests {
     use candle_core::Module;
 
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     /// Ours against candle-nn's `GroupNorm` (and SiLU), on 3-d and 4-d inputs.
     #[test]
@@ -162,16 +163,7 @@ mod tests {
                 } else {
                     theirs.clone()
                 };
-                let worst = (ours - expected)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let worst = max_abs_diff(&ours, &expected);
                 assert!(
                     worst < 1e-5,
                     "{shape:?} groups {groups} silu {silu}: worst {worst}"

@@ -98,6 +98,7 @@ mod tests {
     use candle_core::{Device, IndexOp};
 
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     #[test]
     fn equals_candle_nn_linear() {
@@ -112,16 +113,7 @@ mod tests {
             x.i((.., 1..3, ..)).unwrap(),
             x.transpose(0, 1).unwrap(),
         ] {
-            let diff = (ours.forward(&x).unwrap() - theirs.forward(&x).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&ours.forward(&x).unwrap(), &theirs.forward(&x).unwrap());
             assert!(diff < 1e-5, "worst {diff}");
         }
         assert_eq!(ours.weight().dims(), w.dims());

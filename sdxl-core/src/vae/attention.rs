@@ -130,6 +130,7 @@ mod tests {
 
     use super::*;
     use crate::error::Error;
+    use crate::test_support::max_abs_diff;
 
     const C: usize = 8;
 
@@ -163,19 +164,6 @@ mod tests {
     fn load(map: HashMap<String, Tensor>) -> Result<VaeAttention> {
         let w = Weights::new(Arc::new(map), DType::F32, &Device::Cpu);
         VaeAttention::new(&w.pp("attn"), C, 2, 1e-6)
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

@@ -624,6 +624,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     fn sdxl_like(channels: &[usize], sample_size: usize) -> VaeConfig {
         VaeConfig {
@@ -746,16 +747,7 @@ mod tests {
             let tiled = run_tiled(&z, g.decode_plan(), up).unwrap();
             let whole = up(&z).unwrap();
             assert_eq!(tiled.dims(), whole.dims(), "{h}x{w}");
-            let diff: f32 = (tiled - whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff: f32 = max_abs_diff(&tiled, &whole);
             assert!(diff < 1e-3, "{h}x{w}: {diff}");
         }
         for (h, w) in [(128, 72), (64, 64), (200, 8)] {
@@ -767,16 +759,7 @@ mod tests {
             let tiled = run_tiled(&x, g.encode_plan(), down).unwrap();
             let whole = down(&x).unwrap();
             assert_eq!(tiled.dims(), whole.dims(), "{h}x{w}");
-            let diff: f32 = (tiled - whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff: f32 = max_abs_diff(&tiled, &whole);
             assert!(diff < 1e-2, "{h}x{w}: {diff}");
         }
     }
