@@ -45,9 +45,11 @@ impl GroupNorm {
         if kernel::supports(x) {
             return kernel::group_norm_f32(x, &params);
         }
-        let widened = x.to_dtype(DType::F32)?;
-        if x.device().is_cpu() && kernel::supports(&widened) {
-            return kernel::group_norm_f32(&widened, &params)?.to_dtype(x.dtype());
+        if x.device().is_cpu() {
+            let widened = x.to_dtype(DType::F32)?;
+            if kernel::supports(&widened) {
+                return kernel::group_norm_f32(&widened, &params)?.to_dtype(x.dtype());
+            }
         }
         let channels = self.weight.elem_count();
         let norm = candle_nn::GroupNorm::new(
