@@ -63,6 +63,9 @@ pub fn conv2d(
 
 /// An element type the convolution multiplies in.
 trait ConvElement: WithDType + Default {
+    /// This thread's reusable tile buffers (gathered columns, product) of this element type.
+    fn buffers() -> &'static std::thread::LocalKey<TileBuffers<Self>>;
+
     /// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])`, all row-major, `b` with row stride
     /// `b_stride`, `dst` with row stride `dst_stride`.
     #[allow(clippy::too_many_arguments)]
@@ -79,6 +82,10 @@ trait ConvElement: WithDType + Default {
 }
 
 impl ConvElement for f32 {
+    fn buffers() -> &'static std::thread::LocalKey<TileBuffers<Self>> {
+        &F32_BUFFERS
+    }
+
     fn product(
         shape: GemmShape,
         a: &[Self],
@@ -139,6 +146,10 @@ impl ConvElement for f32 {
 }
 
 impl ConvElement for bf16 {
+    fn buffers() -> &'static std::thread::LocalKey<TileBuffers<Self>> {
+        &BF16_BUFFERS
+    }
+
     fn product(
         shape: GemmShape,
         a: &[Self],
@@ -157,6 +168,36 @@ impl ConvElement for bf16 {
         let bias = bias.map_or(Bias::None, Bias::Rows);
         bf16_gemm::gemm_bf16_bias(a, b, bias, c, false, threads).map_err(to_candle)
     }
+}
+
+/// A thread's tile buffers, kept between convolutions so that each tile does not fault in (and
+/// the kernel zero) fresh pages; at most a few tiles of [`TILE_BYTES`] per thread.
+type TileBuffers<T> = std::cell::RefCell<(Vec<T>, Vec<T>)>;
+
+thread_local! {
+    static F32_BUFFERS: TileBuffers<f32> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static BF16_BUFFERS: TileBuffers<bf16> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's tile buffers, or with fresh ones when they are in use (a thread
+/// waiting inside a multi-threaded GEMM may pick up another tile).
+fn with_tile_buffers<T: ConvElement, R>(f: impl FnOnce(&mut Vec<T>, &mut Vec<T>) -> R) -> R {
+    T::buffers().with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => {
+            let (cols, product) = &mut *buffers;
+            f(cols, product)
+        }
+        Err(_) => f(&mut Vec::new(), &mut Vec::new()),
+    })
+}
+
+/// The first `len` values of `buffer`, grown when shorter. Contents are left over from earlier
+/// tiles: callers overwrite every value they read.
+fn prefix<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
 }
 
 /// The geometry of one convolution.
@@ -323,17 +364,19 @@ fn convolve<T: ConvElement>(
         let first_row = tile * tile_rows;
         let rows = tile_rows.min(total_rows - first_row);
         let n = rows * g.out_w;
-        let mut cols = vec![T::default(); g.k() * n];
-        gather_columns(g, x, first_row, rows, &mut cols);
-        let mut product = vec![T::default(); g.c_out * n];
-        let shape = GemmShape {
-            m: g.c_out,
-            n,
-            k: g.k(),
-        };
-        T::product(shape, w, &cols, n, bias, &mut product, n, gemm_threads)?;
-        scatter_rows(g, &product, first_row, rows, out_ptr);
-        Ok(())
+        with_tile_buffers::<T, _>(|cols, product| {
+            let cols = prefix(cols, g.k() * n);
+            gather_columns(g, x, first_row, rows, cols);
+            let product = prefix(product, g.c_out * n);
+            let shape = GemmShape {
+                m: g.c_out,
+                n,
+                k: g.k(),
+            };
+            T::product(shape, w, cols, n, bias, product, n, gemm_threads)?;
+            scatter_rows(g, product, first_row, rows, out_ptr);
+            Ok(())
+        })
     };
     if tiles == 1 {
         run_tile(0)?;
