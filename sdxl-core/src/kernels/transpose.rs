@@ -2,15 +2,16 @@
 //!
 //! Linear layers keep their weight as `[in, out]` (see [`crate::layers::Linear`]), which means
 //! transposing every stored `[out, in]` weight once at load. candle's strided copy computes an
-//! index per element and walks the source column-wise; this copies 32×32 blocks instead, so
-//! both sides stay in cache.
+//! index per element and walks the source column-wise; this reads bands of 32 source columns
+//! row by row instead, so both sides stay in cache (and converts the dtype on the way when the
+//! loader asks for it).
 
 use candle_core::{DType, Device, Tensor, WithDType};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Side of the square blocks copied at once.
-const BLOCK: usize = 32;
+use crate::loading::memory::advise_huge_pages;
 
 /// A contiguous copy of the transpose of the 2-D tensor `t`: `[rows, cols]` → `[cols, rows]`.
 /// Runs blocked on the CPU for f32/f16/bf16, through candle elsewhere.
@@ -30,7 +31,7 @@ pub fn transpose_2d(t: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-fn transpose_typed<T: WithDType>(
+fn transpose_typed<T: Element>(
     t: &Tensor,
     rows: usize,
     cols: usize,
@@ -47,34 +48,82 @@ fn transpose_typed<T: WithDType>(
         .as_slice::<T>()?
         .get(start..end)
         .ok_or_else(|| candle_core::Error::Msg("transpose: storage too short".into()))?;
-    let mut dst = vec![T::zero(); src.len()];
-    crate::loading::memory::advise_huge_pages(&mut dst);
-    if rows > 0 && cols > 0 {
-        // Bands of BLOCK destination rows (source columns), one task each.
-        dst.par_chunks_mut(BLOCK * rows)
-            .enumerate()
-            .for_each(|(band, dst_band)| transpose_band(src, dst_band, rows, cols, band * BLOCK));
-    }
+    let dst = transpose_converted::<T, T>(src, rows, cols);
     drop(storage);
     Tensor::from_vec(dst, (cols, rows), &Device::Cpu)
 }
 
-/// Writes the source columns `c0 ..` (as many as `dst_band` holds rows) into `dst_band`,
-/// BLOCK source rows at a time so that both sides stay in cache.
-fn transpose_band<T: Copy>(src: &[T], dst_band: &mut [T], rows: usize, cols: usize, c0: usize) {
-    let width = dst_band.len() / rows;
-    for r0 in (0..rows).step_by(BLOCK) {
-        let r1 = (r0 + BLOCK).min(rows);
-        for r in r0..r1 {
-            let Some(src_row) = src.get(r * cols + c0..r * cols + c0 + width) else {
-                return;
-            };
-            for (j, &v) in src_row.iter().enumerate() {
-                // SAFETY: j < width and r < rows, so j·rows + r < width·rows = dst_band.len().
-                unsafe { *dst_band.get_unchecked_mut(j * rows + r) = v };
-            }
-        }
+/// Source columns handled per band (destination rows per task).
+const BAND: usize = 32;
+
+/// A float type weights are stored or computed in.
+pub(crate) trait Element: WithDType + Default {
+    /// Widens a run of values to f32.
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Narrows one f32 value.
+    fn narrow(value: f32) -> Self;
+}
+
+impl Element for f32 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
+    fn narrow(value: f32) -> Self {
+        value
+    }
+}
+
+impl Element for f16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}
+
+impl Element for bf16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
+/// `src` `[rows, cols]` → `[cols, rows]`, converted from `S` to `D` (through f32: exact for
+/// widening and same-type copies), one band of source columns per task: each source row segment
+/// is widened in one vectorised call and scattered into the band's destination rows.
+pub(crate) fn transpose_converted<S: Element, D: Element>(
+    src: &[S],
+    rows: usize,
+    cols: usize,
+) -> Vec<D> {
+    let mut dst = vec![D::default(); src.len()];
+    advise_huge_pages(&mut dst);
+    if rows == 0 || cols == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(BAND * rows)
+        .enumerate()
+        .for_each(|(band, dst_band)| {
+            let c0 = band * BAND;
+            let width = dst_band.len() / rows;
+            let mut widened = [0f32; BAND];
+            for r in 0..rows {
+                let Some(segment) = src.get(r * cols + c0..r * cols + c0 + width) else {
+                    return;
+                };
+                let widened = &mut widened[..width];
+                S::widen(segment, widened);
+                for (j, &v) in widened.iter().enumerate() {
+                    // SAFETY: j < width and r < rows, so j·rows + r < width·rows, the band's
+                    // length.
+                    unsafe { *dst_band.get_unchecked_mut(j * rows + r) = D::narrow(v) };
+                }
+            }
+        });
+    dst
 }
 
 #[cfg(test)]

@@ -3,54 +3,14 @@
 //!
 //! Linear layers keep their weight as `[in, out]` (see [`crate::layers::Linear`]), the transpose
 //! of what checkpoints store. Converting first and transposing after would fault in and zero a
-//! second full-size buffer per weight; here each band of 32 source columns is converted row by
-//! row (vectorised) and scattered straight into its destination rows.
+//! second full-size buffer per weight; here the bytes go straight through
+//! [`transpose_converted`], which converts while it transposes.
 
-use candle_core::{DType, Device, Tensor, WithDType};
-use half::slice::HalfFloatSliceExt;
+use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use super::mapped::with_aligned;
-use super::memory::advise_huge_pages;
-
-/// Source columns handled per band (destination rows per task).
-const BAND: usize = 32;
-
-/// A float type weights are stored or computed in.
-trait Element: WithDType + Default {
-    /// Widens a run of values to f32.
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// Narrows one f32 value.
-    fn narrow(value: f32) -> Self;
-}
-
-impl Element for f32 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn narrow(value: f32) -> Self {
-        value
-    }
-}
-
-impl Element for f16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(value: f32) -> Self {
-        f16::from_f32(value)
-    }
-}
-
-impl Element for bf16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
+use crate::kernels::transpose::{transpose_converted, Element};
 
 /// The CPU tensor `[cols, rows]` holding the transpose of the `[rows, cols]` values stored as
 /// `stored` in `bytes`, in `target`. Conversions go through f32, which is exact for widening and
@@ -84,51 +44,22 @@ fn to_target<S: Element>(
     }
     match target {
         DType::F32 => Tensor::from_vec(
-            transpose_as::<S, f32>(src, rows, cols),
+            transpose_converted::<S, f32>(src, rows, cols),
             (cols, rows),
             &Device::Cpu,
         ),
         DType::F16 => Tensor::from_vec(
-            transpose_as::<S, f16>(src, rows, cols),
+            transpose_converted::<S, f16>(src, rows, cols),
             (cols, rows),
             &Device::Cpu,
         ),
         DType::BF16 => Tensor::from_vec(
-            transpose_as::<S, bf16>(src, rows, cols),
+            transpose_converted::<S, bf16>(src, rows, cols),
             (cols, rows),
             &Device::Cpu,
         ),
         other => candle_core::bail!("cannot produce transposed {other:?} weights"),
     }
-}
-
-/// `src` `[rows, cols]` → `[cols, rows]`, converted from `S` to `D`, one band per task.
-fn transpose_as<S: Element, D: Element>(src: &[S], rows: usize, cols: usize) -> Vec<D> {
-    let mut dst = vec![D::default(); src.len()];
-    advise_huge_pages(&mut dst);
-    if rows == 0 || cols == 0 {
-        return dst;
-    }
-    dst.par_chunks_mut(BAND * rows)
-        .enumerate()
-        .for_each(|(band, dst_band)| {
-            let c0 = band * BAND;
-            let width = dst_band.len() / rows;
-            let mut widened = [0f32; BAND];
-            for r in 0..rows {
-                let Some(segment) = src.get(r * cols + c0..r * cols + c0 + width) else {
-                    return;
-                };
-                let widened = &mut widened[..width];
-                S::widen(segment, widened);
-                for (j, &v) in widened.iter().enumerate() {
-                    // SAFETY: j < width and r < rows, so j·rows + r < width·rows, the band's
-                    // length.
-                    unsafe { *dst_band.get_unchecked_mut(j * rows + r) = D::narrow(v) };
-                }
-            }
-        });
-    dst
 }
 
 #[cfg(test)]

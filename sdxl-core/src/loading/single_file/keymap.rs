@@ -201,34 +201,34 @@ impl SgmSource {
     }
 }
 
+impl SgmSource {
+    /// Where `key` lies in the file and how it is transformed.
+    fn entry(&self, key: &str) -> Result<&Entry> {
+        self.table
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })
+    }
+}
+
 impl TensorSource for SgmSource {
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
         self.table.get(key).map(|e| e.shape.clone())
     }
 
     fn load(&self, key: &str, device: &Device) -> Result<Tensor> {
-        let entry = self
-            .table
-            .get(key)
-            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let entry = self.entry(key)?;
         let stored = self.file.load(&entry.stored, device)?;
         transform(stored, entry)
     }
 
     fn load_as(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let entry = self
-            .table
-            .get(key)
-            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let entry = self.entry(key)?;
         let stored = self.file.load_as(&entry.stored, dtype, device)?;
         transform(stored, entry)
     }
 
     fn load_transposed(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let entry = self
-            .table
-            .get(key)
-            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let entry = self.entry(key)?;
         if matches!(entry.transform, Transform::Same) {
             return self.file.load_transposed(&entry.stored, dtype, device);
         }
