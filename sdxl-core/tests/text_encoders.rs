@@ -86,19 +86,6 @@ fn load_encoder(model_dir: &Path, component: &str) -> ClipTextModel {
         .unwrap_or_else(|e| panic!("loading {component}: {e}"))
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn encoders_match_transformers_goldens() {
     let goldens = common::goldens(GOLDEN_FILE);
@@ -121,8 +108,11 @@ fn encoders_match_transformers_goldens() {
         // ids give the same result as i64 ids.
         let plain = model.forward(&ids.to_dtype(DType::U32).unwrap()).unwrap();
         assert!(plain.hidden_states.is_none());
-        assert_eq!(max_abs_diff(&plain.penultimate, &out.penultimate), 0.0);
-        assert_eq!(max_abs_diff(&plain.pooled, &out.pooled), 0.0);
+        assert_eq!(
+            common::max_abs_diff(&plain.penultimate, &out.penultimate),
+            0.0
+        );
+        assert_eq!(common::max_abs_diff(&plain.pooled, &out.pooled), 0.0);
         assert_eq!(plain.text_embeds.is_some(), model.has_projection());
     }
     parity.finish();
@@ -244,7 +234,7 @@ fn checkpoint_without_text_model_prefix_loads_identically() {
         let a = build(map, &cfg).unwrap().forward(ids).unwrap();
         let b = build(stripped, &cfg).unwrap().forward(ids).unwrap();
         assert_eq!(
-            max_abs_diff(&a.last_hidden_state, &b.last_hidden_state),
+            common::max_abs_diff(&a.last_hidden_state, &b.last_hidden_state),
             0.0
         );
         assert_eq!(a.text_embeds.is_some(), b.text_embeds.is_some());
