@@ -38,7 +38,10 @@ impl Bench<'_> {
                     extra: Map::new(),
                 };
                 self.run_row(row, runs, &mut || {
-                    a.matmul(&b).map(drop).map_err(|e| e.to_string())
+                    // The matmul the models run (native bf16 where the CPU has it).
+                    sdxl_core::kernels::matmul::matmul(&a, &b)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
                 });
             }
             let (b, c, s) = (CONV_BATCH, CONV_CHANNELS, CONV_SIDE);
