@@ -336,7 +336,7 @@ impl TextTimeEmbedding {
             )));
         }
         check_add_embedding_width(n, pooled, self.add_time_proj.dim, self.input_dim)?;
-        let dtype = self.add_embedding.linear_1.weight().dtype();
+        let dtype = self.add_embedding.linear_1.dtype();
         let time_embeds = self
             .fourier_features(time_ids)?
             .reshape((b, n * self.add_time_proj.dim))?

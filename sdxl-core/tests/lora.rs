@@ -83,7 +83,7 @@ fn layer_weights(model: &mut SdxlModel) -> Vec<(String, Tensor)> {
     model
         .unet
         .visit_layers_mut(&mut |name, layer: LayerMut<'_>| {
-            out.push((format!("unet.{name}"), layer.weight().clone()));
+            out.push((format!("unet.{name}"), layer.weight().unwrap()));
             Ok(())
         })
         .unwrap();
@@ -96,7 +96,7 @@ fn layer_weights(model: &mut SdxlModel) -> Vec<(String, Tensor)> {
     ] {
         if let Some(enc) = enc {
             enc.visit_linears_mut(&mut |name, l| {
-                out.push((format!("{c}.{name}"), l.weight().clone()));
+                out.push((format!("{c}.{name}"), l.weight().unwrap()));
                 Ok(())
             })
             .unwrap();
@@ -658,7 +658,7 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
     base.unet
         .visit_layers_mut(&mut |name, layer| {
             if !name.contains(".attentions.") {
-                let dims = layer.weight().dims().to_vec();
+                let dims = layer.weight_dims();
                 targets.push((name.to_string(), dims));
             }
             Ok(())

@@ -7,10 +7,12 @@
 //! ([`candle_core::utils::get_num_threads`]). Every other case (other dtypes, devices or CPUs,
 //! unequal batch dims) is candle's own `Tensor::matmul`, so results and errors match candle's.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, TensorId};
 use half::bf16;
 
-use super::bf16_gemm::{gemm_bf16_bias, native_available, Bias, MatMut, MatRef};
+use super::bf16_gemm::{
+    gemm_bf16_bias, gemm_bf16_packed, native_available, pack_b, Bias, MatMut, MatRef, PackedB,
+};
 
 /// `a . b` for `[..., m, k] x [..., k, n]` (the same batch dims on both sides), as
 /// `Tensor::matmul`; bf16 CPU tensors use the native bf16 GEMM (bf16 result, f32 accumulation).
@@ -66,6 +68,160 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
+    }
+}
+
+/// A linear layer's bf16 weight packed once for the native GEMM (see
+/// [`crate::kernels::bf16_gemm::pack_b`]): the same values as the `[out, in]` weight, in the
+/// panel order the micro-kernel reads, so that no call re-packs it. It takes the memory of the
+/// bf16 weight (it replaces it; [`PackedWeight::weight`] unpacks a copy).
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    /// The packed `u32` pairs, a 1-D U32 tensor on the CPU.
+    panels: Tensor,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl PackedWeight {
+    /// Packs `weight_t` `[in, out]` (the transposed weight, any strides) when the native bf16
+    /// GEMM runs it: a bf16 CPU tensor on a CPU with AVX512-BF16. `None` otherwise.
+    ///
+    /// # Errors
+    /// `weight_t` not 2-D, or a tensor operation fails.
+    pub fn pack(weight_t: &Tensor) -> candle_core::Result<Option<Self>> {
+        let (in_features, out_features) = weight_t.dims2()?;
+        if weight_t.dtype() != DType::BF16 || !weight_t.device().is_cpu() || !native_available() {
+            return Ok(None);
+        }
+        let (storage, layout) = weight_t.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        let data = cpu
+            .as_slice::<bf16>()?
+            .get(layout.start_offset()..)
+            .unwrap_or(&[]);
+        let &[rs, cs] = layout.stride() else {
+            candle_core::bail!("packed weight: weight must be 2-D")
+        };
+        let b = MatRef::new(data, in_features, out_features, rs, cs).map_err(to_candle)?;
+        let panels = pack_b(b).map_err(to_candle)?;
+        let len = panels.len();
+        Ok(Some(Self {
+            panels: Tensor::from_vec(panels, len, weight_t.device())?,
+            in_features,
+            out_features,
+        }))
+    }
+
+    /// `(out, in)`: the weight's shape.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+
+    /// The id of the packed storage (it changes only when the layer gets another weight).
+    pub fn id(&self) -> TensorId {
+        self.panels.id()
+    }
+
+    /// The weight `[out, in]` in bf16, unpacked into a new tensor.
+    ///
+    /// # Errors
+    /// A tensor operation fails.
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        let panels = self.panels.to_vec1::<u32>()?;
+        let packed =
+            PackedB::new(&panels, self.in_features, self.out_features).map_err(to_candle)?;
+        Tensor::from_vec(
+            packed.unpack_transposed(),
+            (self.out_features, self.in_features),
+            self.panels.device(),
+        )
+    }
+
+    /// `x . weightᵀ + bias` for a bf16 `x [..., in]` and `bias [out]`, with the bias added in
+    /// f32 before the single rounding to bf16.
+    ///
+    /// # Errors
+    /// `x` not bf16 or not ending in `in`, a bias of another length, or a tensor failure.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let Some((&last, lead)) = dims.split_last() else {
+            candle_core::bail!("linear: input must have at least one dim")
+        };
+        if last != self.in_features || x.dtype() != DType::BF16 {
+            candle_core::bail!(
+                "packed linear: input {dims:?} {:?} is not bf16 ending in {} features",
+                x.dtype(),
+                self.in_features
+            )
+        }
+        let col_bias = match bias {
+            Some(b) if b.dims() == [self.out_features] => {
+                Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+            }
+            Some(b) => candle_core::bail!(
+                "packed linear: bias {:?} is not [{}]",
+                b.dims(),
+                self.out_features
+            ),
+            None => None,
+        };
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, self.in_features))?;
+        let op = PackedLinear {
+            in_features: self.in_features,
+            out_features: self.out_features,
+            threads: candle_core::utils::get_num_threads(),
+            col_bias,
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features);
+        x2.apply_op2_no_bwd(&self.panels, &op)?.reshape(out_dims)
+    }
+}
+
+/// `x . Wᵀ (+ bias)` with `W` packed, as a candle custom op (forward only).
+struct PackedLinear {
+    in_features: usize,
+    out_features: usize,
+    threads: usize,
+    col_bias: Option<Vec<f32>>,
+}
+
+impl CustomOp2 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "sdxl-bf16-packed-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (k, n) = (self.in_features, self.out_features);
+        let (m, _) = l1.shape().dims2()?;
+        let &[rs, cs] = l1.stride() else {
+            candle_core::bail!("packed linear: input must be 2-D")
+        };
+        let x = s1
+            .as_slice::<bf16>()?
+            .get(l1.start_offset()..)
+            .unwrap_or(&[]);
+        let panels = s2.as_slice::<u32>()?;
+        let panels = panels
+            .get(l2.start_offset()..l2.start_offset() + l2.shape().elem_count())
+            .unwrap_or(&[]);
+        let a = MatRef::new(x, m, k, rs, cs).map_err(to_candle)?;
+        let b = PackedB::new(panels, k, n).map_err(to_candle)?;
+        let mut out = vec![bf16::ZERO; m * n];
+        let c = MatMut::row_major(&mut out, m, n).map_err(to_candle)?;
+        let bias = self.col_bias.as_deref().map_or(Bias::None, Bias::Cols);
+        gemm_bf16_packed(a, b, bias, c, false, self.threads).map_err(to_candle)?;
+        Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }
 

@@ -2,7 +2,7 @@
 //! (fusing a LoRA, for example).
 
 use super::{Conv2d, Linear};
-use candle_core::Tensor;
+use candle_core::{Tensor, TensorId};
 
 use crate::error::{Error, Result};
 
@@ -16,11 +16,33 @@ pub enum LayerMut<'a> {
 }
 
 impl LayerMut<'_> {
-    /// The layer's weight.
-    pub fn weight(&self) -> &Tensor {
+    /// The layer's weight (a copy where the layer stores it packed).
+    ///
+    /// # Errors
+    /// A tensor operation fails.
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(match self {
+            LayerMut::Linear(l) => l.weight()?,
+            LayerMut::Conv2d(c) => c.weight().clone(),
+        })
+    }
+
+    /// The weight's shape.
+    pub fn weight_dims(&self) -> Vec<usize> {
         match self {
-            LayerMut::Linear(l) => l.weight(),
-            LayerMut::Conv2d(c) => c.weight(),
+            LayerMut::Linear(l) => {
+                let (out, inp) = l.weight_dims();
+                vec![out, inp]
+            }
+            LayerMut::Conv2d(c) => c.weight().dims().to_vec(),
+        }
+    }
+
+    /// The id of the stored weight: it changes exactly when the layer gets another weight.
+    pub fn weight_id(&self) -> TensorId {
+        match self {
+            LayerMut::Linear(l) => l.weight_id(),
+            LayerMut::Conv2d(c) => c.weight().id(),
         }
     }
 
@@ -30,10 +52,10 @@ impl LayerMut<'_> {
     /// [`Error::ShapeMismatch`] (naming `name`) when `weight` has another shape than the current
     /// weight.
     pub fn set_weight(&mut self, name: &str, weight: Tensor) -> Result<()> {
-        if weight.dims() != self.weight().dims() {
+        if weight.dims() != self.weight_dims() {
             return Err(Error::ShapeMismatch {
                 key: format!("{name}.weight"),
-                expected: self.weight().dims().to_vec(),
+                expected: self.weight_dims(),
                 found: weight.dims().to_vec(),
             });
         }

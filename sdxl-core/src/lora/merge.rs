@@ -129,7 +129,7 @@ impl LayerIndex {
                 for n in names {
                     kohya.insert(n, id.clone());
                 }
-                shapes.insert(id, layer.weight().dims().to_vec());
+                shapes.insert(id, layer.weight_dims());
                 Ok(())
             })?;
         }
@@ -325,11 +325,11 @@ fn merge(model: &mut SdxlModel, plan: &Plan<'_>) -> Result<Vec<MergedLayer>> {
             let Some(contributions) = plan.get(&(component, name.to_string())) else {
                 return Ok(());
             };
-            let original = layer.weight().clone();
+            let original = layer.weight()?;
             let new = merged_weight(&original, contributions)?;
             layer.set_weight(name, new)?;
             // The layer may store the weight in another layout: remember what it holds now.
-            let id = layer.weight().id();
+            let id = layer.weight_id();
             merged.push(MergedLayer {
                 component,
                 module: name.to_string(),
@@ -406,7 +406,7 @@ impl SdxlModel {
         for component in LoraComponent::ALL {
             visit_component(self, component, &mut |name, layer| {
                 if let Some(id) = expected.remove(&(component, name.to_string())) {
-                    if layer.weight().id() != id {
+                    if layer.weight_id() != id {
                         changed.insert(format!("{component}.{name}"));
                     }
                 }

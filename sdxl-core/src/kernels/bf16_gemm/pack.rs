@@ -10,8 +10,102 @@
 //! in for indexing that could panic.
 
 use half::bf16;
+use rayon::prelude::*;
 
 use super::mat::MatRef;
+use super::NR;
+use crate::error::{Error, Result};
+
+/// B packed once for [`gemm_bf16_packed`](super::gemm_bf16_packed): every `NR`-column panel of
+/// a `rows x cols` (k x n) matrix, all of k each, as [`pack_b`] writes them.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedB<'a> {
+    panels: &'a [u32],
+    rows: usize,
+    cols: usize,
+}
+
+/// The `u32` pairs that [`pack_b`] writes for a `rows x cols` B (at most 2% more values than
+/// the matrix, for its odd row and ragged last panel), or `None` on overflow.
+pub fn packed_len(rows: usize, cols: usize) -> Option<usize> {
+    cols.div_ceil(NR)
+        .checked_mul(NR)?
+        .checked_mul(rows.div_ceil(2))
+}
+
+/// Packs all of `b` (k x n) for [`gemm_bf16_packed`](super::gemm_bf16_packed), on rayon's
+/// global pool; read it back with [`PackedB::new`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if the packed size overflows or cannot be allocated.
+pub fn pack_b(b: MatRef<'_, bf16>) -> Result<Vec<u32>> {
+    let len = packed_len(b.rows, b.cols)
+        .ok_or_else(|| Error::invalid("packed B size overflows usize"))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len)
+        .map_err(|e| Error::invalid(format!("cannot allocate packed B ({len} values): {e}")))?;
+    out.resize(len, 0);
+    let panel_len = b.rows.div_ceil(2) * NR;
+    if panel_len > 0 {
+        out.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(j, panel)| pack_b_panel::<NR>(&b, j * NR, panel));
+    }
+    Ok(out)
+}
+
+impl<'a> PackedB<'a> {
+    /// A view of what [`pack_b`] wrote for a `rows x cols` B.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.
+    pub fn new(panels: &'a [u32], rows: usize, cols: usize) -> Result<Self> {
+        if packed_len(rows, cols) != Some(panels.len()) {
+            return Err(Error::invalid(format!(
+                "{} packed values do not hold a packed {rows}x{cols} matrix",
+                panels.len()
+            )));
+        }
+        Ok(Self { panels, rows, cols })
+    }
+
+    /// Rows of B (k).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of B (n).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The packed panels.
+    pub(super) fn panels(&self) -> &'a [u32] {
+        self.panels
+    }
+
+    /// Bᵀ (n x k) row-major: the matrix back, transposed (a linear layer's `[out, in]`
+    /// weight from its packed `[in, out]` transpose).
+    pub fn unpack_transposed(&self) -> Vec<bf16> {
+        let (k, n) = (self.rows, self.cols);
+        let k2 = k.div_ceil(2);
+        let mut out = vec![bf16::ZERO; n * k];
+        for (j, line) in out.chunks_exact_mut(k.max(1)).enumerate().take(n) {
+            let (panel, lane) = (j / NR, j % NR);
+            for (p, two) in line.chunks_mut(2).enumerate() {
+                let pair = self
+                    .panels
+                    .get((panel * k2 + p) * NR + lane)
+                    .copied()
+                    .unwrap_or(0);
+                for (h, x) in two.iter_mut().enumerate() {
+                    *x = bf16::from_bits((pair >> (16 * h)) as u16);
+                }
+            }
+        }
+        out
+    }
+}
 
 /// One k-pair from two (optional) bf16 values.
 #[inline(always)]
@@ -111,7 +205,7 @@ pub(super) fn pack_b_block<const NR: usize>(
 ) {
     if b.col_stride != 1 || panel_len == 0 {
         for (jj, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
-            pack_b::<NR>(b, c0 + jj * NR, panel);
+            pack_b_panel::<NR>(b, c0 + jj * NR, panel);
         }
         return;
     }
@@ -147,7 +241,7 @@ pub(super) fn pack_b_block<const NR: usize>(
 }
 
 /// Packs columns `c0 .. c0 + NR` of `b` (all of k) into `dst` (`k2 * NR` pairs).
-pub(super) fn pack_b<const NR: usize>(b: &MatRef<'_, bf16>, c0: usize, dst: &mut [u32]) {
+pub(super) fn pack_b_panel<const NR: usize>(b: &MatRef<'_, bf16>, c0: usize, dst: &mut [u32]) {
     let (k, n) = (b.rows, b.cols);
     let width = n.saturating_sub(c0).min(NR);
     if b.col_stride == 1 && width > 0 {

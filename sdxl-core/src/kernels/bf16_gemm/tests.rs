@@ -3,7 +3,7 @@
 
 use half::bf16;
 
-use super::{gemm_with, Bias, Kernel, MatMut, MatRef};
+use super::{gemm_with, pack_b, BSource, Bias, Kernel, MatMut, MatRef, PackedB};
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
 fn values(len: usize, seed: u64) -> Vec<bf16> {
@@ -68,7 +68,7 @@ fn check(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, threads: usize) {
         gemm_with(
             kernel,
             a,
-            b,
+            BSource::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut c, m, n).unwrap(),
             false,
@@ -121,7 +121,7 @@ fn zero_k_writes_zeros_or_keeps_c() {
     gemm_with(
         Kernel::Portable,
         av,
-        bv,
+        BSource::Matrix(bv),
         Bias::None,
         MatMut::row_major(&mut c, 2, 3).unwrap(),
         true,
@@ -132,7 +132,7 @@ fn zero_k_writes_zeros_or_keeps_c() {
     gemm_with(
         Kernel::Portable,
         av,
-        bv,
+        BSource::Matrix(bv),
         Bias::None,
         MatMut::row_major(&mut c, 2, 3).unwrap(),
         false,
@@ -154,7 +154,7 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
         gemm_with(
             kernel,
             a,
-            b,
+            BSource::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut f, m, n).unwrap(),
             true,
@@ -165,7 +165,7 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
         gemm_with(
             kernel,
             a,
-            b,
+            BSource::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut plain, m, n).unwrap(),
             false,
@@ -179,7 +179,7 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
         gemm_with(
             kernel,
             a,
-            b,
+            BSource::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut h, m, n).unwrap(),
             false,
@@ -204,7 +204,7 @@ fn strided_output_and_threads_are_bit_identical() {
         gemm_with(
             kernel,
             a,
-            b,
+            BSource::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut one, m, n).unwrap(),
             false,
@@ -217,7 +217,7 @@ fn strided_output_and_threads_are_bit_identical() {
             gemm_with(
                 kernel,
                 a,
-                b,
+                BSource::Matrix(b),
                 Bias::None,
                 MatMut::new(&mut cm, m, n, 1, m).unwrap(),
                 false,
@@ -247,7 +247,7 @@ fn bad_views_are_rejected() {
     let r = gemm_with(
         Kernel::Portable,
         a,
-        a,
+        BSource::Matrix(a),
         Bias::None,
         MatMut::row_major(&mut c, 2, 2).unwrap(),
         false,
@@ -268,11 +268,11 @@ fn row_and_column_bias_are_added_before_rounding() {
     for kernel in kernels() {
         let mut plain = vec![0f32; m * n];
         let c = MatMut::row_major(&mut plain, m, n).unwrap();
-        gemm_with(kernel, a, b, Bias::None, c, false, 1).unwrap();
+        gemm_with(kernel, a, BSource::Matrix(b), Bias::None, c, false, 1).unwrap();
         for (bias, by_row) in [(Bias::Rows(&rows), true), (Bias::Cols(&cols), false)] {
             let mut h = vec![bf16::ONE; m * n];
             let c = MatMut::new(&mut h, m, n, 1, m).unwrap();
-            gemm_with(kernel, a, b, bias, c, true, 2).unwrap();
+            gemm_with(kernel, a, BSource::Matrix(b), bias, c, true, 2).unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let add = if by_row { rows[i] } else { cols[j] };
@@ -285,12 +285,75 @@ fn row_and_column_bias_are_added_before_rounding() {
         let bad = gemm_with(
             kernel,
             a,
-            b,
+            BSource::Matrix(b),
             Bias::Cols(&rows),
             MatMut::row_major(&mut c, m, n).unwrap(),
             false,
             1,
         );
         assert!(bad.is_err(), "bias length");
+    }
+}
+
+#[test]
+fn packed_b_gives_bit_identical_products_and_unpacks() {
+    // Odd k, a ragged last panel, several k-, M- and N-blocks, both B layouts, bias, threads.
+    for &(m, k, n, b_t) in &[
+        (5, 7, 33, false),
+        (130, 1281, 600, true),
+        (13, 64, 32, true),
+    ] {
+        let av = values(m * k, 3);
+        let bv = values(k * n, 4);
+        let a = MatRef::row_major(&av, m, k).unwrap();
+        let b = if b_t {
+            MatRef::new(&bv, k, n, 1, k).unwrap()
+        } else {
+            MatRef::row_major(&bv, k, n).unwrap()
+        };
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.5 - 3.0).collect();
+        let panels = pack_b(b).unwrap();
+        let packed = PackedB::new(&panels, k, n).unwrap();
+        assert!(PackedB::new(&panels[1..], k, n).is_err(), "short panels");
+        let unpacked = packed.unpack_transposed();
+        for j in 0..n {
+            for p in 0..k {
+                let want = bv[if b_t { j * k + p } else { p * n + j }];
+                assert_eq!(unpacked[j * k + p].to_bits(), want.to_bits(), "({p}, {j})");
+            }
+        }
+        for kernel in kernels() {
+            for threads in [1, 3] {
+                let mut want = vec![bf16::ZERO; m * n];
+                let mut got = vec![bf16::ZERO; m * n];
+                let c = MatMut::row_major(&mut want, m, n).unwrap();
+                gemm_with(
+                    kernel,
+                    a,
+                    BSource::Matrix(b),
+                    Bias::Cols(&bias),
+                    c,
+                    false,
+                    threads,
+                )
+                .unwrap();
+                let c = MatMut::row_major(&mut got, m, n).unwrap();
+                gemm_with(
+                    kernel,
+                    a,
+                    BSource::Packed(packed),
+                    Bias::Cols(&bias),
+                    c,
+                    false,
+                    threads,
+                )
+                .unwrap();
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{kernel:?} {m}x{k}x{n} b_t={b_t} threads={threads}");
+            }
+        }
     }
 }
