@@ -5,8 +5,8 @@ use candle_core::{DType, Module, Tensor};
 use crate::kernels::group_norm::{self as kernel, GroupNormParams};
 
 /// Group normalisation over dimension 1 with per-channel `weight` and `bias`, as diffusers'
-/// `GroupNorm`. On the CPU it runs in one fused pass (f16/bf16 inputs are normalised in f32 and
-/// narrowed back, as candle-nn does); elsewhere it is candle-nn's `GroupNorm`.
+/// `GroupNorm`. On the CPU it runs in one fused pass (computed in f32; f16 inputs are widened
+/// first and narrowed back, as candle-nn does); elsewhere it is candle-nn's `GroupNorm`.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -43,12 +43,12 @@ impl GroupNorm {
             silu,
         };
         if kernel::supports(x) {
-            return kernel::group_norm_f32(x, &params);
+            return kernel::group_norm(x, &params);
         }
         if x.device().is_cpu() {
             let widened = x.to_dtype(DType::F32)?;
             if kernel::supports(&widened) {
-                return kernel::group_norm_f32(&widened, &params)?.to_dtype(x.dtype());
+                return kernel::group_norm(&widened, &params)?.to_dtype(x.dtype());
             }
         }
         let channels = self.weight.elem_count();

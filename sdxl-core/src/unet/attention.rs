@@ -6,6 +6,7 @@ use candle_nn::LayerNorm;
 
 use super::config::TransformerSpec;
 use crate::error::{Error, Result};
+use crate::kernels::activation;
 use crate::kernels::matmul::matmul;
 use crate::layers::{group_norm, layer_norm, linear, GroupNorm, Linear};
 use crate::loading::Weights;
@@ -187,6 +188,10 @@ impl FeedForward {
     /// Tensor failures.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
+        if activation::supports(&h) {
+            // One fused, vectorised, multi-threaded pass on the CPU.
+            return Ok(self.proj_out.forward(&activation::geglu(&h)?)?);
+        }
         let value = h.narrow(2, 0, self.inner)?;
         let gate = h.narrow(2, self.inner, self.inner)?.gelu_erf()?;
         Ok(self.proj_out.forward(&(value * gate)?)?)

@@ -4,6 +4,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::kernels::activation;
 
 /// The architecture name transformers gives the encoder with a text projection.
 const WITH_PROJECTION_ARCHITECTURE: &str = "CLIPTextModelWithProjection";
@@ -210,6 +211,14 @@ impl Activation {
     /// # Errors
     /// Tensor failures.
     pub(crate) fn forward(self, x: &Tensor) -> Result<Tensor> {
+        if activation::supports(x) {
+            // One vectorised, multi-threaded pass on the CPU.
+            match self {
+                Self::QuickGelu => return Ok(activation::quick_gelu(x)?),
+                Self::Gelu => return Ok(activation::gelu_erf(x)?),
+                _ => {}
+            }
+        }
         Ok(match self {
             Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Self::Gelu => x.gelu_erf()?,
