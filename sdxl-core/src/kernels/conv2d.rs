@@ -19,7 +19,7 @@ use candle_nn::Conv2dConfig;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Bias, MatMut, MatRef};
+use super::bf16_gemm::{self, Bias, MatMut, MatRef, PackedBBuilder};
 
 /// Bytes of gathered columns a tile aims at: big enough that the GEMM's packing of the weight
 /// per tile costs little, small enough that the allocator keeps reusing the buffer.
@@ -63,131 +63,236 @@ pub fn conv2d(
 
 /// An element type the convolution multiplies in.
 trait ConvElement: WithDType + Default {
-    /// This thread's reusable tile buffers (gathered columns, product) of this element type.
-    fn buffers() -> &'static std::thread::LocalKey<TileBuffers<Self>>;
+    /// One thread's reusable tile buffers (see [`with_scratch`]).
+    type Scratch: Default;
 
-    /// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])`, all row-major, `b` with row stride
-    /// `b_stride`, `dst` with row stride `dst_stride`.
-    #[allow(clippy::too_many_arguments)]
-    fn product(
+    /// This thread's tile buffers.
+    fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>>;
+
+    /// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])`, all row-major, `b` and `dst` with row
+    /// stride `n` (a pointwise convolution of one image).
+    fn pointwise(
         shape: GemmShape,
         a: &[Self],
         b: &[Self],
-        b_stride: usize,
         bias: Option<&[f32]>,
         dst: &mut [Self],
-        dst_stride: usize,
+        threads: usize,
+    ) -> candle_core::Result<()>;
+
+    /// The output rows `tile` (counted across the batch) of the convolution: gathers their
+    /// columns, multiplies the weight `w` by them (+ bias) and writes the rows to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        g: &Geometry,
+        x: &[Self],
+        w: &[Self],
+        bias: Option<&[f32]>,
+        tile: TileRows,
+        scratch: &mut Self::Scratch,
+        out: OutPtr<Self>,
         threads: usize,
     ) -> candle_core::Result<()>;
 }
 
+/// A run of output rows, counted across the batch.
+#[derive(Debug, Clone, Copy)]
+struct TileRows {
+    first: usize,
+    count: usize,
+}
+
 impl ConvElement for f32 {
-    fn buffers() -> &'static std::thread::LocalKey<TileBuffers<Self>> {
-        &F32_BUFFERS
+    /// Gathered columns, product.
+    type Scratch = (Vec<f32>, Vec<f32>);
+
+    fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>> {
+        &F32_SCRATCH
     }
 
-    fn product(
+    fn pointwise(
         shape: GemmShape,
         a: &[Self],
         b: &[Self],
-        b_stride: usize,
         bias: Option<&[f32]>,
         dst: &mut [Self],
-        dst_stride: usize,
         threads: usize,
     ) -> candle_core::Result<()> {
-        let GemmShape { m, n, k } = shape;
-        let fits = |len: usize, rows: usize, stride: usize, cols: usize| {
-            rows == 0 || cols == 0 || (rows - 1) * stride + cols <= len
+        gemm_f32(shape, a, b, shape.n, bias, dst, shape.n, threads)
+    }
+
+    fn tile(
+        g: &Geometry,
+        x: &[Self],
+        w: &[Self],
+        bias: Option<&[f32]>,
+        tile: TileRows,
+        (cols, product): &mut Self::Scratch,
+        out: OutPtr<Self>,
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        let n = tile.count * g.out_w;
+        let cols = prefix(cols, g.k() * n);
+        for (r, row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
+            gather_row(g, x, tile, r, row);
+        }
+        let product = prefix(product, g.c_out * n);
+        let shape = GemmShape {
+            m: g.c_out,
+            n,
+            k: g.k(),
         };
-        if !fits(a.len(), m, k, k)
-            || !fits(b.len(), k, b_stride, n)
-            || !fits(dst.len(), m, dst_stride, n)
-        {
-            candle_core::bail!("conv2d: GEMM operands are smaller than their shapes")
-        }
-        if let Some(bias) = bias {
-            for (row, &value) in dst.chunks_mut(dst_stride.max(1)).zip(bias).take(m) {
-                row.iter_mut().take(n).for_each(|d| *d = value);
-            }
-        }
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: the checks above keep every addressed element of a, b and dst inside its
-        // slice, and `dst` is borrowed mutably, so nothing else touches it meanwhile.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                dst_stride as isize,
-                bias.is_some(),
-                a.as_ptr(),
-                1,
-                k as isize,
-                b.as_ptr(),
-                1,
-                b_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        gemm_f32(shape, w, cols, n, bias, product, n, threads)?;
+        scatter_rows(g, product, tile, out);
         Ok(())
     }
 }
 
+/// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])` with the `gemm` crate, all row-major, `b` with
+/// row stride `b_stride`, `dst` with row stride `dst_stride`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    shape: GemmShape,
+    a: &[f32],
+    b: &[f32],
+    b_stride: usize,
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+    dst_stride: usize,
+    threads: usize,
+) -> candle_core::Result<()> {
+    let GemmShape { m, n, k } = shape;
+    let fits = |len: usize, rows: usize, stride: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1) * stride + cols <= len
+    };
+    if !fits(a.len(), m, k, k)
+        || !fits(b.len(), k, b_stride, n)
+        || !fits(dst.len(), m, dst_stride, n)
+    {
+        candle_core::bail!("conv2d: GEMM operands are smaller than their shapes")
+    }
+    if let Some(bias) = bias {
+        for (row, &value) in dst.chunks_mut(dst_stride.max(1)).zip(bias).take(m) {
+            row.iter_mut().take(n).for_each(|d| *d = value);
+        }
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the checks above keep every addressed element of a, b and dst inside its
+    // slice, and `dst` is borrowed mutably, so nothing else touches it meanwhile.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            bias.is_some(),
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            b_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
 impl ConvElement for bf16 {
-    fn buffers() -> &'static std::thread::LocalKey<TileBuffers<Self>> {
-        &BF16_BUFFERS
+    /// One column row pair, the packed columns, product.
+    type Scratch = (Vec<bf16>, Vec<u32>, Vec<bf16>);
+
+    fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>> {
+        &BF16_SCRATCH
     }
 
-    fn product(
+    fn pointwise(
         shape: GemmShape,
         a: &[Self],
         b: &[Self],
-        b_stride: usize,
         bias: Option<&[f32]>,
         dst: &mut [Self],
-        dst_stride: usize,
         threads: usize,
     ) -> candle_core::Result<()> {
         let GemmShape { m, n, k } = shape;
-        let to_candle = |e: crate::Error| candle_core::Error::Msg(e.to_string());
         let a = MatRef::new(a, m, k, k, 1).map_err(to_candle)?;
-        let b = MatRef::new(b, k, n, b_stride, 1).map_err(to_candle)?;
-        let c = MatMut::new(dst, m, n, dst_stride, 1).map_err(to_candle)?;
+        let b = MatRef::new(b, k, n, n, 1).map_err(to_candle)?;
+        let c = MatMut::new(dst, m, n, n, 1).map_err(to_candle)?;
         let bias = bias.map_or(Bias::None, Bias::Rows);
         bf16_gemm::gemm_bf16_bias(a, b, bias, c, false, threads).map_err(to_candle)
     }
+
+    /// Gathers the columns straight into the GEMM's packed k-pair panels (two column rows at a
+    /// time through a small buffer), so the column matrix is neither written out nor packed
+    /// in a second pass.
+    fn tile(
+        g: &Geometry,
+        x: &[Self],
+        w: &[Self],
+        bias: Option<&[f32]>,
+        tile: TileRows,
+        (pair, packed, product): &mut Self::Scratch,
+        out: OutPtr<Self>,
+        threads: usize,
+    ) -> candle_core::Result<()> {
+        let (n, k) = (tile.count * g.out_w, g.k());
+        let len = bf16_gemm::packed_len(k, n)
+            .ok_or_else(|| candle_core::Error::Msg("conv2d: tile size overflows".into()))?;
+        let mut builder = PackedBBuilder::new(prefix(packed, len), k, n).map_err(to_candle)?;
+        let (even, odd) = prefix(pair, 2 * n).split_at_mut(n);
+        for p in 0..k.div_ceil(2) {
+            gather_row(g, x, tile, 2 * p, even);
+            let odd = if 2 * p + 1 < k {
+                gather_row(g, x, tile, 2 * p + 1, odd);
+                Some(&*odd)
+            } else {
+                None
+            };
+            builder.set_row_pair(p, even, odd);
+        }
+        let b = builder.finish();
+        let product = prefix(product, g.c_out * n);
+        let a = MatRef::new(w, g.c_out, k, k, 1).map_err(to_candle)?;
+        let c = MatMut::new(product, g.c_out, n, n, 1).map_err(to_candle)?;
+        let bias = bias.map_or(Bias::None, Bias::Rows);
+        bf16_gemm::gemm_bf16_packed(a, b, bias, c, false, threads).map_err(to_candle)?;
+        scatter_rows(g, product, tile, out);
+        Ok(())
+    }
 }
 
-/// A thread's tile buffers, kept between convolutions so that each tile does not fault in (and
-/// the kernel zero) fresh pages; at most a few tiles of [`TILE_BYTES`] per thread.
-type TileBuffers<T> = std::cell::RefCell<(Vec<T>, Vec<T>)>;
+/// Our error as candle's.
+fn to_candle(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
 
 thread_local! {
-    static F32_BUFFERS: TileBuffers<f32> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-    static BF16_BUFFERS: TileBuffers<bf16> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// A thread's tile buffers, kept between convolutions so that each tile does not fault in
+    /// (and the kernel zero) fresh pages; at most a few tiles of [`TILE_BYTES`] per thread.
+    static F32_SCRATCH: std::cell::RefCell<<f32 as ConvElement>::Scratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// As `F32_SCRATCH`, for bf16.
+    static BF16_SCRATCH: std::cell::RefCell<<bf16 as ConvElement>::Scratch> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Runs `f` with this thread's tile buffers, or with fresh ones when they are in use (a thread
 /// waiting inside a multi-threaded GEMM may pick up another tile).
-fn with_tile_buffers<T: ConvElement, R>(f: impl FnOnce(&mut Vec<T>, &mut Vec<T>) -> R) -> R {
-    T::buffers().with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffers) => {
-            let (cols, product) = &mut *buffers;
-            f(cols, product)
-        }
-        Err(_) => f(&mut Vec::new(), &mut Vec::new()),
+fn with_scratch<T: ConvElement, R>(f: impl FnOnce(&mut T::Scratch) -> R) -> R {
+    T::scratch().with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut T::Scratch::default()),
     })
 }
 
@@ -350,7 +455,7 @@ fn convolve<T: ConvElement>(
                 n: positions,
                 k: g.c_in,
             };
-            T::product(shape, w, src, positions, bias, dst, positions, threads)?;
+            T::pointwise(shape, w, src, bias, dst, threads)?;
         }
         return Ok(out);
     }
@@ -361,22 +466,12 @@ fn convolve<T: ConvElement>(
     let gemm_threads = if tiles < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run_tile = |tile: usize| -> candle_core::Result<()> {
-        let first_row = tile * tile_rows;
-        let rows = tile_rows.min(total_rows - first_row);
-        let n = rows * g.out_w;
-        with_tile_buffers::<T, _>(|cols, product| {
-            let cols = prefix(cols, g.k() * n);
-            gather_columns(g, x, first_row, rows, cols);
-            let product = prefix(product, g.c_out * n);
-            let shape = GemmShape {
-                m: g.c_out,
-                n,
-                k: g.k(),
-            };
-            T::product(shape, w, cols, n, bias, product, n, gemm_threads)?;
-            scatter_rows(g, product, first_row, rows, out_ptr);
-            Ok(())
-        })
+        let first = tile * tile_rows;
+        let rows = TileRows {
+            first,
+            count: tile_rows.min(total_rows - first),
+        };
+        with_scratch::<T, _>(|scratch| T::tile(g, x, w, bias, rows, scratch, out_ptr, gemm_threads))
     };
     if tiles == 1 {
         run_tile(0)?;
@@ -401,69 +496,61 @@ fn tile_rows(g: &Geometry, threads: usize) -> usize {
     }
 }
 
-/// Fills `cols[k, rows·out_w]` with the input values under each kernel tap for the output rows
-/// `first_row ..` (counted across the batch), zero where the tap falls in the padding.
-fn gather_columns<T: WithDType + Default>(
+/// Fills `row` (`tile.count · out_w` values) with row `r` of the tile's column matrix: the
+/// input values under kernel tap `r` (an input channel and a kernel position) for each output
+/// position of the tile, zero where the tap falls in the padding.
+fn gather_row<T: WithDType + Default>(
     g: &Geometry,
     x: &[T],
-    first_row: usize,
-    rows: usize,
-    cols: &mut [T],
+    tile: TileRows,
+    r: usize,
+    row: &mut [T],
 ) {
-    let n = rows * g.out_w;
     let taps = g.kernel_h * g.kernel_w;
     let plane = g.height * g.width;
-    for (r, col_row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
-        let channel = r / taps;
-        let (ky, kx) = ((r % taps) / g.kernel_w, r % g.kernel_w);
-        // Output columns whose tap lands inside the input width: ow·stride + kx·dilation −
-        // padding ∈ [0, width).
-        let shift = kx * g.dilation;
-        let ow_start = g.padding.saturating_sub(shift).div_ceil(g.stride);
-        let ow_end = (g.width + g.padding)
-            .checked_sub(shift)
-            .map_or(0, |limit| limit.div_ceil(g.stride))
-            .min(g.out_w);
-        for (i, out_row) in col_row.chunks_exact_mut(g.out_w).enumerate() {
-            let global_row = first_row + i;
-            let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
-            let iy = (oh * g.stride + ky * g.dilation).checked_sub(g.padding);
-            let Some(iy) = iy.filter(|&iy| iy < g.height && ow_start < ow_end) else {
-                out_row.fill(T::default());
-                continue;
-            };
-            let src_row = (image * g.c_in + channel) * plane + iy * g.width;
-            out_row[..ow_start].fill(T::default());
-            out_row[ow_end..].fill(T::default());
-            let first_ix = ow_start * g.stride + shift - g.padding;
-            if g.stride == 1 {
-                let len = ow_end - ow_start;
-                out_row[ow_start..ow_end]
-                    .copy_from_slice(&x[src_row + first_ix..src_row + first_ix + len]);
-            } else {
-                for (dst, ix) in out_row[ow_start..ow_end]
-                    .iter_mut()
-                    .zip((first_ix..).step_by(g.stride))
-                {
-                    *dst = x[src_row + ix];
-                }
+    let channel = r / taps;
+    let (ky, kx) = ((r % taps) / g.kernel_w, r % g.kernel_w);
+    // Output columns whose tap lands inside the input width: ow·stride + kx·dilation −
+    // padding ∈ [0, width).
+    let shift = kx * g.dilation;
+    let ow_start = g.padding.saturating_sub(shift).div_ceil(g.stride);
+    let ow_end = (g.width + g.padding)
+        .checked_sub(shift)
+        .map_or(0, |limit| limit.div_ceil(g.stride))
+        .min(g.out_w);
+    for (i, out_row) in row.chunks_exact_mut(g.out_w).take(tile.count).enumerate() {
+        let global_row = tile.first + i;
+        let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
+        let iy = (oh * g.stride + ky * g.dilation).checked_sub(g.padding);
+        let Some(iy) = iy.filter(|&iy| iy < g.height && ow_start < ow_end) else {
+            out_row.fill(T::default());
+            continue;
+        };
+        let src_row = (image * g.c_in + channel) * plane + iy * g.width;
+        out_row[..ow_start].fill(T::default());
+        out_row[ow_end..].fill(T::default());
+        let first_ix = ow_start * g.stride + shift - g.padding;
+        if g.stride == 1 {
+            let len = ow_end - ow_start;
+            out_row[ow_start..ow_end]
+                .copy_from_slice(&x[src_row + first_ix..src_row + first_ix + len]);
+        } else {
+            for (dst, ix) in out_row[ow_start..ow_end]
+                .iter_mut()
+                .zip((first_ix..).step_by(g.stride))
+            {
+                *dst = x[src_row + ix];
             }
         }
     }
 }
 
 /// Copies a tile's product `[c_out, rows·out_w]` to its places in the NCHW output.
-fn scatter_rows<T: Copy>(
-    g: &Geometry,
-    product: &[T],
-    first_row: usize,
-    rows: usize,
-    out: OutPtr<T>,
-) {
-    let n = rows * g.out_w;
+fn scatter_rows<T: Copy>(g: &Geometry, product: &[T], tile: TileRows, out: OutPtr<T>) {
+    let n = tile.count * g.out_w;
     for (c, tile_channel) in product.chunks_exact(n.max(1)).enumerate() {
         for (i, src) in tile_channel.chunks_exact(g.out_w).enumerate() {
-            let global_row = first_row + i;
+            let global_row = tile.first + i;
             let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
             let offset = ((image * g.c_out + c) * g.out_h + oh) * g.out_w;
             // SAFETY: `offset .. offset + out_w` is one output row inside the buffer, owned by
@@ -553,6 +640,8 @@ mod tests {
             (2, 5, 9, 7, 6, 3, 1, 1),
             (1, 16, 20, 20, 8, 3, 1, 2),
             (2, 8, 6, 6, 4, 1, 0, 1),
+            // Several tiles when more than one thread runs.
+            (2, 7, 40, 40, 8, 3, 1, 1),
         ] {
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), d)
                 .unwrap()

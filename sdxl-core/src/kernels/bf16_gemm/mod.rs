@@ -30,7 +30,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub use mat::{MatMut, MatRef};
-pub use pack::{pack_b, packed_len, PackedB};
+pub use pack::{pack_b, packed_len, PackedB, PackedBBuilder};
 
 use crate::error::{Error, Result};
 

@@ -54,6 +54,93 @@ pub fn pack_b(b: MatRef<'_, bf16>) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// Writes a packed B (the layout [`pack_b`] produces) two rows at a time, for callers that
+/// produce B's rows on the fly instead of holding B (a convolution's column matrix, gathered
+/// straight into the panels without an intermediate copy).
+#[derive(Debug)]
+pub struct PackedBBuilder<'a> {
+    panels: &'a mut [u32],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> PackedBBuilder<'a> {
+    /// A builder over `panels`, which must hold exactly [`packed_len`]`(rows, cols)` values.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for any other length.
+    pub fn new(panels: &'a mut [u32], rows: usize, cols: usize) -> Result<Self> {
+        if packed_len(rows, cols) != Some(panels.len()) {
+            return Err(Error::invalid(format!(
+                "{} values cannot hold a packed {rows}x{cols} matrix",
+                panels.len()
+            )));
+        }
+        Ok(Self { panels, rows, cols })
+    }
+
+    /// Sets rows `2p` (`even`) and `2p + 1` (`odd`; `None` past the last row): `cols` values
+    /// each (shorter rows are zero-padded, longer ones cut).
+    pub fn set_row_pair(&mut self, p: usize, even: &[bf16], odd: Option<&[bf16]>) {
+        let k2 = self.rows.div_ceil(2);
+        if p >= k2 {
+            return;
+        }
+        let even = even.get(..self.cols).unwrap_or(even);
+        let odd = odd.map(|o| o.get(..self.cols).unwrap_or(o));
+        for (q, panel) in self.panels.chunks_exact_mut(k2 * NR).enumerate() {
+            let Some(dst) = panel.get_mut(p * NR..(p + 1) * NR) else {
+                continue;
+            };
+            let lo = even.get(q * NR..).unwrap_or(&[]);
+            let hi = odd.map_or(&[][..], |o| o.get(q * NR..).unwrap_or(&[]));
+            interleave(lo, hi, dst);
+        }
+    }
+
+    /// The finished matrix (rows never set hold whatever the buffer held).
+    pub fn finish(self) -> PackedB<'a> {
+        PackedB {
+            panels: self.panels,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
+/// `dst[j] = lo[j] | hi[j] << 16` (zero where a source is short), vectorised where the CPU
+/// allows.
+fn interleave(lo: &[bf16], hi: &[bf16], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { interleave_avx512(lo, hi, dst) };
+    }
+    interleave_portable(lo, hi, dst);
+}
+
+/// [`interleave_portable`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn interleave_avx512(lo: &[bf16], hi: &[bf16], dst: &mut [u32]) {
+    interleave_portable(lo, hi, dst);
+}
+
+#[inline(always)]
+fn interleave_portable(lo: &[bf16], hi: &[bf16], dst: &mut [u32]) {
+    if lo.len() >= dst.len() && hi.len() >= dst.len() {
+        for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
+            *d = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
+        }
+    } else {
+        for (j, d) in dst.iter_mut().enumerate() {
+            *d = pair(lo.get(j), hi.get(j));
+        }
+    }
+}
+
 impl<'a> PackedB<'a> {
     /// A view of what [`pack_b`] wrote for a `rows x cols` B.
     ///
