@@ -19,7 +19,7 @@ use candle_nn::Conv2dConfig;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Bias, MatMut, MatRef, PackedBBuilder};
+use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedBBuilder, Rhs};
 
 /// Bytes of gathered columns a tile aims at: big enough that the GEMM's packing of the weight
 /// per tile costs little, small enough that the allocator keeps reusing the buffer.
@@ -266,7 +266,8 @@ impl ConvElement for bf16 {
         let a = MatRef::new(w, g.c_out, k, k, 1).map_err(to_candle)?;
         let c = MatMut::new(product, g.c_out, n, n, 1).map_err(to_candle)?;
         let bias = bias.map_or(Bias::None, Bias::Rows);
-        bf16_gemm::gemm_bf16_packed(a, b, bias, c, false, threads).map_err(to_candle)?;
+        bf16_gemm::gemm_bf16_operands(Lhs::Matrix(a), Rhs::Packed(b), bias, c, false, threads)
+            .map_err(to_candle)?;
         scatter_rows(g, product, tile, out);
         Ok(())
     }

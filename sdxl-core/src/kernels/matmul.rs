@@ -11,7 +11,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, TensorId}
 use half::bf16;
 
 use super::bf16_gemm::{
-    gemm_bf16_bias, gemm_bf16_packed, native_available, pack_b, Bias, MatMut, MatRef, PackedB,
+    gemm_bf16_bias, gemm_bf16_operands, native_available, pack_b, Bias, Lhs, MatMut, MatRef,
+    PackedB, Rhs,
 };
 
 /// `a . b` for `[..., m, k] x [..., k, n]` (the same batch dims on both sides), as
@@ -220,7 +221,8 @@ impl CustomOp2 for PackedLinear {
         let mut out = vec![bf16::ZERO; m * n];
         let c = MatMut::row_major(&mut out, m, n).map_err(to_candle)?;
         let bias = self.col_bias.as_deref().map_or(Bias::None, Bias::Cols);
-        gemm_bf16_packed(a, b, bias, c, false, self.threads).map_err(to_candle)?;
+        gemm_bf16_operands(Lhs::Matrix(a), Rhs::Packed(b), bias, c, false, self.threads)
+            .map_err(to_candle)?;
         Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }

@@ -30,7 +30,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub use mat::{MatMut, MatRef};
-pub use pack::{pack_b, packed_len, PackedB, PackedBBuilder};
+pub use pack::{pack_a, pack_b, packed_a_len, packed_len, PackedA, PackedB, PackedBBuilder};
 
 use crate::error::{Error, Result};
 
@@ -162,8 +162,8 @@ pub fn gemm_bf16<O: GemmOutput>(
 ) -> Result<()> {
     gemm_with(
         Kernel::best(),
-        a,
-        BSource::Matrix(b),
+        Lhs::Matrix(a),
+        Rhs::Matrix(b),
         Bias::None,
         c,
         accumulate,
@@ -187,8 +187,8 @@ pub fn gemm_bf16_bias<O: GemmOutput>(
 ) -> Result<()> {
     gemm_with(
         Kernel::best(),
-        a,
-        BSource::Matrix(b),
+        Lhs::Matrix(a),
+        Rhs::Matrix(b),
         bias,
         c,
         accumulate,
@@ -196,45 +196,58 @@ pub fn gemm_bf16_bias<O: GemmOutput>(
     )
 }
 
-/// [`gemm_bf16_bias`] with B packed beforehand ([`pack_b`]): `C (+)= A . B + bias`,
-/// bit-identical to the unpacked call.
+/// [`gemm_bf16_bias`] with either operand packed beforehand ([`pack_a`], [`pack_b`],
+/// [`PackedBBuilder`]): `C (+)= A . B + bias`, bit-identical to the unpacked call.
 ///
 /// # Errors
 /// As [`gemm_bf16_bias`].
-pub fn gemm_bf16_packed<O: GemmOutput>(
-    a: MatRef<'_, bf16>,
-    b: PackedB<'_>,
+pub fn gemm_bf16_operands<O: GemmOutput>(
+    a: Lhs<'_>,
+    b: Rhs<'_>,
     bias: Bias<'_>,
     c: MatMut<'_, O>,
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
-    gemm_with(
-        Kernel::best(),
-        a,
-        BSource::Packed(b),
-        bias,
-        c,
-        accumulate,
-        threads,
-    )
+    gemm_with(Kernel::best(), a, b, bias, c, accumulate, threads)
 }
 
-/// Where B comes from: a matrix packed block by block during the call, or panels packed once.
-#[derive(Clone, Copy)]
-enum BSource<'j, 'd> {
-    /// Packed per `NC` block by each task.
-    Matrix(MatRef<'d, bf16>),
+/// The left operand A: a matrix (packed during the call) or panels packed once with
+/// [`pack_a`].
+#[derive(Debug, Clone, Copy)]
+pub enum Lhs<'a> {
+    /// Packed into `MR`-row panels by the call.
+    Matrix(MatRef<'a, bf16>),
     /// Every panel, packed beforehand.
-    Packed(PackedB<'j>),
+    Packed(PackedA<'a>),
 }
 
-impl BSource<'_, '_> {
+impl Lhs<'_> {
+    /// `(rows, cols)` of A.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Lhs::Matrix(a) => (a.rows, a.cols),
+            Lhs::Packed(p) => (p.rows(), p.cols()),
+        }
+    }
+}
+
+/// The right operand B: a matrix (packed block by block during the call) or panels packed
+/// once with [`pack_b`] or [`PackedBBuilder`].
+#[derive(Debug, Clone, Copy)]
+pub enum Rhs<'a> {
+    /// Packed per `NC` block by each task.
+    Matrix(MatRef<'a, bf16>),
+    /// Every panel, packed beforehand.
+    Packed(PackedB<'a>),
+}
+
+impl Rhs<'_> {
     /// `(rows, cols)` of B.
     fn dims(&self) -> (usize, usize) {
         match self {
-            BSource::Matrix(b) => (b.rows, b.cols),
-            BSource::Packed(p) => (p.rows(), p.cols()),
+            Rhs::Matrix(b) => (b.rows, b.cols),
+            Rhs::Packed(p) => (p.rows(), p.cols()),
         }
     }
 }
@@ -335,19 +348,18 @@ fn internal() -> Error {
 /// [`gemm_bf16_bias`] with an explicit micro-kernel (tests compare the two).
 fn gemm_with<O: GemmOutput>(
     kernel: Kernel,
-    a: MatRef<'_, bf16>,
-    b: BSource<'_, '_>,
+    a: Lhs<'_>,
+    b: Rhs<'_>,
     bias: Bias<'_>,
     c: MatMut<'_, O>,
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
-    let (b_rows, b_cols) = b.dims();
-    let (m, k, n) = (a.rows, a.cols, b_cols);
+    let ((m, k), (b_rows, n)) = (a.dims(), b.dims());
     if b_rows != k || c.rows != m || c.cols != n {
         return Err(Error::invalid(format!(
-            "bf16 GEMM shapes disagree: A {}x{}, B {b_rows}x{b_cols}, C {}x{}",
-            a.rows, a.cols, c.rows, c.cols
+            "bf16 GEMM shapes disagree: A {m}x{k}, B {b_rows}x{n}, C {}x{}",
+            c.rows, c.cols
         )));
     }
     match bias {
@@ -391,24 +403,34 @@ fn gemm_with<O: GemmOutput>(
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let panel_a = k2 * MR;
 
-    let a_len = m_panels.checked_mul(panel_a);
+    let a_len = match a {
+        Lhs::Matrix(_) => m_panels.checked_mul(panel_a),
+        Lhs::Packed(_) => Some(0),
+    };
     let mut apack = take_buffer(&PACKED_A, a_len, "packed A")?;
-    let packed = apack.get_mut(..a_len.unwrap_or(0)).ok_or_else(internal)?;
-    let pack_rows = |(r, dst): (usize, &mut [u32])| pack::pack_a::<MR>(&a, r * MR, dst);
-    if threads == 1 {
-        packed.chunks_mut(panel_a).enumerate().for_each(pack_rows);
-    } else {
-        packed
-            .par_chunks_mut(panel_a)
-            .with_min_len(m_panels.div_ceil(threads))
-            .enumerate()
-            .for_each(pack_rows);
-    }
+    let a_panels: &[u32] = match a {
+        Lhs::Matrix(a) => {
+            let packed = apack.get_mut(..a_len.unwrap_or(0)).ok_or_else(internal)?;
+            let pack_rows =
+                |(r, dst): (usize, &mut [u32])| pack::pack_a_panel::<MR>(&a, r * MR, dst);
+            if threads == 1 {
+                packed.chunks_mut(panel_a).enumerate().for_each(pack_rows);
+            } else {
+                packed
+                    .par_chunks_mut(panel_a)
+                    .with_min_len(m_panels.div_ceil(threads))
+                    .enumerate()
+                    .for_each(pack_rows);
+            }
+            packed
+        }
+        Lhs::Packed(p) => p.panels(),
+    };
 
     let tasks = plan(m_panels, n_panels, threads);
     let job = Job {
         kernel,
-        apack: &apack,
+        apack: a_panels,
         b,
         bias,
         k2,
@@ -426,10 +448,10 @@ fn gemm_with<O: GemmOutput>(
 }
 
 /// What every task of one GEMM shares.
-struct Job<'j, 'd, O> {
+struct Job<'j, O> {
     kernel: Kernel,
     apack: &'j [u32],
-    b: BSource<'j, 'd>,
+    b: Rhs<'j>,
     bias: Bias<'j>,
     k2: usize,
     out: &'j OutPtr<O>,
@@ -437,13 +459,13 @@ struct Job<'j, 'd, O> {
 }
 
 /// Computes the C elements of one task (see the module docs for the loop structure).
-fn run_task<O: GemmOutput>(job: &Job<'_, '_, O>, task: &Task) -> Result<()> {
+fn run_task<O: GemmOutput>(job: &Job<'_, O>, task: &Task) -> Result<()> {
     let nc_max = NC_PANELS.min(task.cols.len());
     let mc_max = MC_PANELS.min(task.rows.len());
     let ldc = nc_max * NR;
     let b_block = match job.b {
-        BSource::Matrix(_) => nc_max.checked_mul(job.k2 * NR),
-        BSource::Packed(_) => Some(0),
+        Rhs::Matrix(_) => nc_max.checked_mul(job.k2 * NR),
+        Rhs::Packed(_) => Some(0),
     };
     let mut bpack = take_buffer(&PACKED_B, b_block, "packed B")?;
     let mut scratch = take_buffer(&SCRATCH, (mc_max * MR).checked_mul(ldc), "GEMM scratch")?;
@@ -455,7 +477,7 @@ fn run_task<O: GemmOutput>(job: &Job<'_, '_, O>, task: &Task) -> Result<()> {
 
 /// [`run_task`] with its buffers.
 fn compute_task<O: GemmOutput>(
-    job: &Job<'_, '_, O>,
+    job: &Job<'_, O>,
     task: &Task,
     bpack: &mut [u32],
     scratch: &mut [f32],
@@ -478,12 +500,12 @@ fn compute_task<O: GemmOutput>(
     for jc in task.cols.clone().step_by(NC_PANELS) {
         let jn = NC_PANELS.min(task.cols.end - jc);
         let bpanels: &[u32] = match b {
-            BSource::Matrix(b) => {
+            Rhs::Matrix(b) => {
                 let block = bpack.get_mut(..jn * panel_b).ok_or_else(internal)?;
                 pack::pack_b_block::<NR>(&b, jc * NR, panel_b, block);
                 block
             }
-            BSource::Packed(p) => p
+            Rhs::Packed(p) => p
                 .panels()
                 .get(jc * panel_b..(jc + jn) * panel_b)
                 .ok_or_else(internal)?,

@@ -13,10 +13,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::mat::MatRef;
-use super::NR;
+use super::{MR, NR};
 use crate::error::{Error, Result};
 
-/// B packed once for [`gemm_bf16_packed`](super::gemm_bf16_packed): every `NR`-column panel of
+/// B packed once for [`gemm_bf16_operands`](super::gemm_bf16_operands): every `NR`-column panel of
 /// a `rows x cols` (k x n) matrix, all of k each, as [`pack_b`] writes them.
 #[derive(Debug, Clone, Copy)]
 pub struct PackedB<'a> {
@@ -33,7 +33,7 @@ pub fn packed_len(rows: usize, cols: usize) -> Option<usize> {
         .checked_mul(rows.div_ceil(2))
 }
 
-/// Packs all of `b` (k x n) for [`gemm_bf16_packed`](super::gemm_bf16_packed), on rayon's
+/// Packs all of `b` (k x n) for [`gemm_bf16_operands`](super::gemm_bf16_operands), on rayon's
 /// global pool; read it back with [`PackedB::new`].
 ///
 /// # Errors
@@ -52,6 +52,96 @@ pub fn pack_b(b: MatRef<'_, bf16>) -> Result<Vec<u32>> {
             .for_each(|(j, panel)| pack_b_panel::<NR>(&b, j * NR, panel));
     }
     Ok(out)
+}
+
+/// A packed once for [`gemm_bf16_operands`](super::gemm_bf16_operands): every `MR`-row panel of
+/// a `rows x cols` (m x k) matrix, all of k each, as [`pack_a`] writes them.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedA<'a> {
+    panels: &'a [u32],
+    rows: usize,
+    cols: usize,
+}
+
+/// The `u32` pairs that [`pack_a`] writes for a `rows x cols` A (at most 11 rows and one
+/// column more than the matrix), or `None` on overflow.
+pub fn packed_a_len(rows: usize, cols: usize) -> Option<usize> {
+    rows.div_ceil(MR)
+        .checked_mul(MR)?
+        .checked_mul(cols.div_ceil(2))
+}
+
+/// Packs all of `a` (m x k) for [`gemm_bf16_operands`](super::gemm_bf16_operands), on
+/// rayon's global pool; read it back with [`PackedA::new`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if the packed size overflows or cannot be allocated.
+pub fn pack_a(a: MatRef<'_, bf16>) -> Result<Vec<u32>> {
+    let len = packed_a_len(a.rows, a.cols)
+        .ok_or_else(|| Error::invalid("packed A size overflows usize"))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len)
+        .map_err(|e| Error::invalid(format!("cannot allocate packed A ({len} values): {e}")))?;
+    out.resize(len, 0);
+    let panel_len = a.cols.div_ceil(2) * MR;
+    if panel_len > 0 {
+        out.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(i, panel)| pack_a_panel::<MR>(&a, i * MR, panel));
+    }
+    Ok(out)
+}
+
+impl<'a> PackedA<'a> {
+    /// A view of what [`pack_a`] wrote for a `rows x cols` A.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.
+    pub fn new(panels: &'a [u32], rows: usize, cols: usize) -> Result<Self> {
+        if packed_a_len(rows, cols) != Some(panels.len()) {
+            return Err(Error::invalid(format!(
+                "{} packed values do not hold a packed {rows}x{cols} A",
+                panels.len()
+            )));
+        }
+        Ok(Self { panels, rows, cols })
+    }
+
+    /// Rows of A (m).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of A (k).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The packed panels.
+    pub(super) fn panels(&self) -> &'a [u32] {
+        self.panels
+    }
+
+    /// A back, row-major (m x k).
+    pub fn unpack(&self) -> Vec<bf16> {
+        let (m, k) = (self.rows, self.cols);
+        let k2 = k.div_ceil(2);
+        let mut out = vec![bf16::ZERO; m * k];
+        for (i, line) in out.chunks_exact_mut(k.max(1)).enumerate().take(m) {
+            let (panel, lane) = (i / MR, i % MR);
+            for (p, two) in line.chunks_mut(2).enumerate() {
+                let pair = self
+                    .panels
+                    .get((panel * k2 + p) * MR + lane)
+                    .copied()
+                    .unwrap_or(0);
+                for (h, x) in two.iter_mut().enumerate() {
+                    *x = bf16::from_bits((pair >> (16 * h)) as u16);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Writes a packed B (the layout [`pack_b`] produces) two rows at a time, for callers that
@@ -258,7 +348,7 @@ fn prefetch(ahead: Option<&[bf16]>) {
 }
 
 /// Packs rows `r0 .. r0 + MR` of `a` (all of k) into `dst` (`k2 * MR` pairs).
-pub(super) fn pack_a<const MR: usize>(a: &MatRef<'_, bf16>, r0: usize, dst: &mut [u32]) {
+pub(super) fn pack_a_panel<const MR: usize>(a: &MatRef<'_, bf16>, r0: usize, dst: &mut [u32]) {
     let k = a.cols;
     if a.col_stride == 1 {
         let lines: [&[bf16]; MR] = std::array::from_fn(|i| {

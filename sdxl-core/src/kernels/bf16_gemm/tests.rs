@@ -3,7 +3,7 @@
 
 use half::bf16;
 
-use super::{gemm_with, pack_b, BSource, Bias, Kernel, MatMut, MatRef, PackedB};
+use super::{gemm_with, pack_a, pack_b, Bias, Kernel, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
 fn values(len: usize, seed: u64) -> Vec<bf16> {
@@ -67,8 +67,8 @@ fn check(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, threads: usize) {
         let mut c = vec![1.0f32; m * n];
         gemm_with(
             kernel,
-            a,
-            BSource::Matrix(b),
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut c, m, n).unwrap(),
             false,
@@ -120,8 +120,8 @@ fn zero_k_writes_zeros_or_keeps_c() {
     let bv = MatRef::new(&b, 0, 3, 3, 1).unwrap();
     gemm_with(
         Kernel::Portable,
-        av,
-        BSource::Matrix(bv),
+        Lhs::Matrix(av),
+        Rhs::Matrix(bv),
         Bias::None,
         MatMut::row_major(&mut c, 2, 3).unwrap(),
         true,
@@ -131,8 +131,8 @@ fn zero_k_writes_zeros_or_keeps_c() {
     assert_eq!(c, vec![3.0; 6]);
     gemm_with(
         Kernel::Portable,
-        av,
-        BSource::Matrix(bv),
+        Lhs::Matrix(av),
+        Rhs::Matrix(bv),
         Bias::None,
         MatMut::row_major(&mut c, 2, 3).unwrap(),
         false,
@@ -153,8 +153,8 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
         let mut f = vec![0.5f32; m * n];
         gemm_with(
             kernel,
-            a,
-            BSource::Matrix(b),
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut f, m, n).unwrap(),
             true,
@@ -164,8 +164,8 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
         let mut plain = vec![0f32; m * n];
         gemm_with(
             kernel,
-            a,
-            BSource::Matrix(b),
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut plain, m, n).unwrap(),
             false,
@@ -178,8 +178,8 @@ fn accumulate_adds_and_bf16_output_rounds_once() {
         let mut h = vec![bf16::ZERO; m * n];
         gemm_with(
             kernel,
-            a,
-            BSource::Matrix(b),
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut h, m, n).unwrap(),
             false,
@@ -203,8 +203,8 @@ fn strided_output_and_threads_are_bit_identical() {
         let mut one = vec![0f32; m * n];
         gemm_with(
             kernel,
-            a,
-            BSource::Matrix(b),
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
             Bias::None,
             MatMut::row_major(&mut one, m, n).unwrap(),
             false,
@@ -216,8 +216,8 @@ fn strided_output_and_threads_are_bit_identical() {
             let mut cm = vec![0f32; m * n];
             gemm_with(
                 kernel,
-                a,
-                BSource::Matrix(b),
+                Lhs::Matrix(a),
+                Rhs::Matrix(b),
                 Bias::None,
                 MatMut::new(&mut cm, m, n, 1, m).unwrap(),
                 false,
@@ -246,8 +246,8 @@ fn bad_views_are_rejected() {
     let mut c = vec![0f32; 4];
     let r = gemm_with(
         Kernel::Portable,
-        a,
-        BSource::Matrix(a),
+        Lhs::Matrix(a),
+        Rhs::Matrix(a),
         Bias::None,
         MatMut::row_major(&mut c, 2, 2).unwrap(),
         false,
@@ -268,11 +268,20 @@ fn row_and_column_bias_are_added_before_rounding() {
     for kernel in kernels() {
         let mut plain = vec![0f32; m * n];
         let c = MatMut::row_major(&mut plain, m, n).unwrap();
-        gemm_with(kernel, a, BSource::Matrix(b), Bias::None, c, false, 1).unwrap();
+        gemm_with(
+            kernel,
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
+            Bias::None,
+            c,
+            false,
+            1,
+        )
+        .unwrap();
         for (bias, by_row) in [(Bias::Rows(&rows), true), (Bias::Cols(&cols), false)] {
             let mut h = vec![bf16::ONE; m * n];
             let c = MatMut::new(&mut h, m, n, 1, m).unwrap();
-            gemm_with(kernel, a, BSource::Matrix(b), bias, c, true, 2).unwrap();
+            gemm_with(kernel, Lhs::Matrix(a), Rhs::Matrix(b), bias, c, true, 2).unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let add = if by_row { rows[i] } else { cols[j] };
@@ -284,8 +293,8 @@ fn row_and_column_bias_are_added_before_rounding() {
         let mut c = vec![0f32; m * n];
         let bad = gemm_with(
             kernel,
-            a,
-            BSource::Matrix(b),
+            Lhs::Matrix(a),
+            Rhs::Matrix(b),
             Bias::Cols(&rows),
             MatMut::row_major(&mut c, m, n).unwrap(),
             false,
@@ -296,7 +305,7 @@ fn row_and_column_bias_are_added_before_rounding() {
 }
 
 #[test]
-fn packed_b_gives_bit_identical_products_and_unpacks() {
+fn packed_operands_give_bit_identical_products_and_unpack() {
     // Odd k, a ragged last panel, several k-, M- and N-blocks, both B layouts, bias, threads.
     for &(m, k, n, b_t) in &[
         (5, 7, 33, false),
@@ -315,6 +324,17 @@ fn packed_b_gives_bit_identical_products_and_unpacks() {
         let panels = pack_b(b).unwrap();
         let packed = PackedB::new(&panels, k, n).unwrap();
         assert!(PackedB::new(&panels[1..], k, n).is_err(), "short panels");
+        let a_panels = pack_a(a).unwrap();
+        let packed_a = PackedA::new(&a_panels, m, k).unwrap();
+        assert!(
+            PackedA::new(&a_panels[1..], m, k).is_err(),
+            "short A panels"
+        );
+        let a_back = packed_a.unpack();
+        assert!(a_back
+            .iter()
+            .zip(&av)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
         let unpacked = packed.unpack_transposed();
         for j in 0..n {
             for p in 0..k {
@@ -329,8 +349,8 @@ fn packed_b_gives_bit_identical_products_and_unpacks() {
                 let c = MatMut::row_major(&mut want, m, n).unwrap();
                 gemm_with(
                     kernel,
-                    a,
-                    BSource::Matrix(b),
+                    Lhs::Matrix(a),
+                    Rhs::Matrix(b),
                     Bias::Cols(&bias),
                     c,
                     false,
@@ -340,8 +360,8 @@ fn packed_b_gives_bit_identical_products_and_unpacks() {
                 let c = MatMut::row_major(&mut got, m, n).unwrap();
                 gemm_with(
                     kernel,
-                    a,
-                    BSource::Packed(packed),
+                    Lhs::Matrix(a),
+                    Rhs::Packed(packed),
                     Bias::Cols(&bias),
                     c,
                     false,
