@@ -357,22 +357,19 @@ fn packed_operands_give_bit_identical_products_and_unpack() {
                     threads,
                 )
                 .unwrap();
-                let c = MatMut::row_major(&mut got, m, n).unwrap();
-                gemm_with(
-                    kernel,
-                    Lhs::Matrix(a),
-                    Rhs::Packed(packed),
-                    Bias::Cols(&bias),
-                    c,
-                    false,
-                    threads,
-                )
-                .unwrap();
-                let same = want
-                    .iter()
-                    .zip(&got)
-                    .all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(same, "{kernel:?} {m}x{k}x{n} b_t={b_t} threads={threads}");
+                for (lhs, rhs) in [
+                    (Lhs::Matrix(a), Rhs::Packed(packed)),
+                    (Lhs::Packed(packed_a), Rhs::Matrix(b)),
+                    (Lhs::Packed(packed_a), Rhs::Packed(packed)),
+                ] {
+                    let c = MatMut::row_major(&mut got, m, n).unwrap();
+                    gemm_with(kernel, lhs, rhs, Bias::Cols(&bias), c, false, threads).unwrap();
+                    let same = want
+                        .iter()
+                        .zip(&got)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{kernel:?} {m}x{k}x{n} b_t={b_t} threads={threads}");
+                }
             }
         }
     }
