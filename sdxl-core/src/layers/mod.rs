@@ -48,7 +48,7 @@ pub fn conv2d(
         weight,
         Some(bias),
         config,
-    )))
+    ))?)
 }
 
 /// Group normalisation over `channels` in `groups`, with affine `weight` and `bias`.
@@ -89,4 +89,4 @@ pub use group_norm::GroupNorm;
 pub use linear::Linear;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};
-pub use visit::{LayerMut, LayerVisitor};
+pub use visit::{LayerMut, LayerVisitor, SavedLayer};

@@ -15,7 +15,53 @@ pub enum LayerMut<'a> {
     Conv2d(&'a mut Conv2d),
 }
 
+/// A copy of a layer as it was (sharing its weight's storage), to put back later with
+/// [`LayerMut::restore`] exactly: same values, same [`LayerMut::weight_id`].
+#[derive(Debug, Clone)]
+pub enum SavedLayer {
+    /// A saved linear layer.
+    Linear(Linear),
+    /// A saved convolution.
+    Conv2d(Conv2d),
+}
+
 impl LayerMut<'_> {
+    /// The layer as it is now (cheap: the weight's storage is shared, not copied).
+    pub fn save(&self) -> SavedLayer {
+        match self {
+            LayerMut::Linear(l) => SavedLayer::Linear((**l).clone()),
+            LayerMut::Conv2d(c) => SavedLayer::Conv2d((**c).clone()),
+        }
+    }
+
+    /// Puts back a layer [`save`](Self::save)d from this one.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] (naming `name`) when `saved` is another kind of layer or has
+    /// another weight shape.
+    pub fn restore(&mut self, name: &str, saved: SavedLayer) -> Result<()> {
+        let found = match &saved {
+            SavedLayer::Linear(l) => {
+                let (out, inp) = l.weight_dims();
+                vec![out, inp]
+            }
+            SavedLayer::Conv2d(c) => c.weight_dims(),
+        };
+        let expected = self.weight_dims();
+        match (self, saved) {
+            (LayerMut::Linear(l), SavedLayer::Linear(saved)) if found == expected => **l = saved,
+            (LayerMut::Conv2d(c), SavedLayer::Conv2d(saved)) if found == expected => **c = saved,
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    key: format!("{name}.weight"),
+                    expected,
+                    found,
+                })
+            }
+        }
+        Ok(())
+    }
+
     /// The layer's weight (a copy where the layer stores it packed).
     ///
     /// # Errors
@@ -23,7 +69,7 @@ impl LayerMut<'_> {
     pub fn weight(&self) -> Result<Tensor> {
         Ok(match self {
             LayerMut::Linear(l) => l.weight()?,
-            LayerMut::Conv2d(c) => c.weight().clone(),
+            LayerMut::Conv2d(c) => c.weight()?,
         })
     }
 
@@ -34,7 +80,7 @@ impl LayerMut<'_> {
                 let (out, inp) = l.weight_dims();
                 vec![out, inp]
             }
-            LayerMut::Conv2d(c) => c.weight().dims().to_vec(),
+            LayerMut::Conv2d(c) => c.weight_dims(),
         }
     }
 
@@ -42,7 +88,7 @@ impl LayerMut<'_> {
     pub fn weight_id(&self) -> TensorId {
         match self {
             LayerMut::Linear(l) => l.weight_id(),
-            LayerMut::Conv2d(c) => c.weight().id(),
+            LayerMut::Conv2d(c) => c.weight_id(),
         }
     }
 
@@ -66,7 +112,7 @@ impl LayerMut<'_> {
                     weight,
                     c.bias().cloned(),
                     *c.config(),
-                ))
+                ))?
             }
         }
         Ok(())

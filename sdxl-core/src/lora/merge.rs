@@ -2,7 +2,7 @@
 //!
 //! Everything is checked before the first weight changes (every module must name a layer of the
 //! model, with matching shapes), and a failure while merging puts the weights already changed
-//! back, so an error never leaves a half-merged model. The original weight tensors are kept in
+//! back, so an error never leaves a half-merged model. The original layers (sharing their weights' storage) are kept in
 //! the returned [`AppliedLoras`], so [`SdxlModel::remove_loras`] restores them bit for bit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor, TensorId};
 use super::file::{LoraComponent, LoraFormat, LoraModule, LoraWeights};
 use super::kohya::{kohya_module_name, SgmUnetLayout};
 use crate::error::{Error, Result};
-use crate::layers::{LayerMut, LayerVisitor};
+use crate::layers::{LayerMut, LayerVisitor, SavedLayer};
 use crate::pipeline::SdxlModel;
 
 /// Unknown modules listed by name in an error; the rest are counted.
@@ -42,12 +42,12 @@ pub struct LoraOptions {
     pub skip_unknown: bool,
 }
 
-/// A layer changed by a merge: its original weight and the identity of the merged one.
+/// A layer changed by a merge: the layer as it was and the identity of the merged weight.
 #[derive(Debug, Clone)]
 struct MergedLayer {
     component: LoraComponent,
     module: String,
-    original: Tensor,
+    original: SavedLayer,
     merged: TensorId,
 }
 
@@ -301,7 +301,7 @@ fn merged_weight(weight: &Tensor, contributions: &[Contribution<'_>]) -> Result<
 
 /// Puts the original weights of `layers` back, without checking what is there now.
 fn restore(model: &mut SdxlModel, layers: &[MergedLayer]) -> Result<()> {
-    let mut originals: HashMap<(LoraComponent, String), &Tensor> = layers
+    let mut originals: HashMap<(LoraComponent, String), &SavedLayer> = layers
         .iter()
         .map(|l| ((l.component, l.module.clone()), &l.original))
         .collect();
@@ -309,7 +309,7 @@ fn restore(model: &mut SdxlModel, layers: &[MergedLayer]) -> Result<()> {
         visit_component(model, component, &mut |name, mut layer| match originals
             .remove(&(component, name.to_string()))
         {
-            Some(original) => layer.set_weight(name, original.clone()),
+            Some(original) => layer.restore(name, original.clone()),
             None => Ok(()),
         })?;
     }
@@ -325,8 +325,8 @@ fn merge(model: &mut SdxlModel, plan: &Plan<'_>) -> Result<Vec<MergedLayer>> {
             let Some(contributions) = plan.get(&(component, name.to_string())) else {
                 return Ok(());
             };
-            let original = layer.weight()?;
-            let new = merged_weight(&original, contributions)?;
+            let original = layer.save();
+            let new = merged_weight(&layer.weight()?, contributions)?;
             layer.set_weight(name, new)?;
             // The layer may store the weight in another layout: remember what it holds now.
             let id = layer.weight_id();

@@ -177,7 +177,7 @@ impl UNet2DConditionModel {
 
     /// The dtype of the weights (and of the prediction).
     pub fn dtype(&self) -> DType {
-        self.conv_in.weight().dtype()
+        self.conv_in.dtype()
     }
 
     /// Calls `f` on every linear layer with its checkpoint name (without `.weight`):
@@ -270,7 +270,7 @@ impl UNet2DConditionModel {
     /// # Errors
     /// Tensor failures.
     pub fn timestep_embedding(&self, timestep: f64, batch: usize) -> Result<Tensor> {
-        let device = self.conv_in.weight().device();
+        let device = &self.conv_in.device();
         let t = Tensor::full(timestep as f32, batch, device)?;
         let t_emb = self.time_proj.forward(&t)?.to_dtype(self.dtype())?;
         self.time_embedding.forward(&t_emb)

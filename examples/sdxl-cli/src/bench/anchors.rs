@@ -56,7 +56,8 @@ impl Bench<'_> {
                 padding: 1,
                 ..Default::default()
             };
-            let conv = Conv2d::new(candle_nn::Conv2d::new(w, Some(bias), config));
+            let conv = Conv2d::new(candle_nn::Conv2d::new(w, Some(bias), config))
+                .map_err(|e| e.to_string())?;
             let row = Row {
                 component: "matmul",
                 op: &format!("conv3x3 {c}->{c}"),
