@@ -1,6 +1,7 @@
-//! CPU kernels that candle 0.11 lacks or runs slowly (convolution, group norm, native bf16
-//! GEMM, transposes), used by the layers when they apply.
+//! CPU kernels that candle 0.11 lacks or runs slowly (fused attention, convolution, group norm,
+//! native bf16 GEMM, transposes), used by the layers when they apply.
 
+pub mod attention;
 pub mod bf16_gemm;
 pub mod conv2d;
 pub mod group_norm;
