@@ -507,74 +507,68 @@ const LANES: usize = 16;
 /// `max_j(scale · row[j])`; NaN values are skipped (they reappear through the exponential).
 #[inline(always)]
 fn row_max(row: &[f32], scale: f32) -> f32 {
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let (chunks, tail) = row.as_chunks::<LANES>();
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
+    for chunk in chunks {
         for (a, &x) in acc.iter_mut().zip(chunk) {
-            let x = x * scale;
-            *a = if x > *a { x } else { *a };
+            *a = larger(*a, x * scale);
         }
     }
-    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
-        let x = x * scale;
-        *a = if x > *a { x } else { *a };
-    }
-    acc.into_iter()
-        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m })
+    let tail = tail
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| larger(m, x * scale));
+    acc.into_iter().fold(tail, larger)
 }
 
-/// Sums the lanes pairwise (a fixed order).
+/// Sums the lanes pairwise (a fixed order), halving the width each step.
 #[inline(always)]
-fn lane_sum(mut acc: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            acc[i] += acc[i + width];
-        }
-        width /= 2;
-    }
-    acc[0]
+fn lane_sum(acc: [f32; LANES]) -> f32 {
+    let h8: [f32; 8] = std::array::from_fn(|i| acc[i] + acc[i + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|i| h8[i] + h8[i + 4]);
+    (h4[0] + h4[2]) + (h4[1] + h4[3])
 }
 
 /// `row[j] = exp(scale · row[j] − max)`, returning the sum.
 #[inline(always)]
 fn exp_in_place(row: &mut [f32], scale: f32, max: f32) -> f32 {
+    let (chunks, tail) = row.as_chunks_mut::<LANES>();
     let mut acc = [0.0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
+    for chunk in chunks {
         for (a, x) in acc.iter_mut().zip(chunk) {
             *x = exp(*x * scale - max);
             *a += *x;
         }
     }
-    for (a, x) in acc.iter_mut().zip(chunks.into_remainder()) {
+    let mut tail_sum = 0.0;
+    for x in tail {
         *x = exp(*x * scale - max);
-        *a += *x;
+        tail_sum += *x;
     }
-    lane_sum(acc)
+    lane_sum(acc) + tail_sum
 }
 
-/// `p[j] = bf16(exp(scale · row[j] − max))`, returning the sum of the f32 exponentials.
+/// `p[j] = bf16(exp(scale · row[j] − max))` for `p` as long as `row`, returning the sum of
+/// the f32 exponentials.
 #[inline(always)]
 fn exp_to_bf16(row: &[f32], p: &mut [bf16], scale: f32, max: f32) -> f32 {
+    let (chunks, tail) = row.as_chunks::<LANES>();
+    let (pchunks, ptail) = p.as_chunks_mut::<LANES>();
     let mut acc = [0.0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES).zip(p.chunks_exact_mut(LANES));
-    for (src, dst) in &mut chunks {
+    for (src, dst) in chunks.iter().zip(pchunks) {
         for ((a, &x), d) in acc.iter_mut().zip(src).zip(dst) {
             let e = exp(x * scale - max);
             *a += e;
             *d = round_bf16(e);
         }
     }
-    let done = row.len() / LANES * LANES;
-    let tail = row.get(done..).unwrap_or(&[]);
-    let ptail = p.get_mut(done..).unwrap_or(&mut []);
-    for ((a, &x), d) in acc.iter_mut().zip(tail).zip(ptail) {
+    let mut tail_sum = 0.0;
+    for (&x, d) in tail.iter().zip(ptail) {
         let e = exp(x * scale - max);
-        *a += e;
+        tail_sum += e;
         *d = round_bf16(e);
     }
-    lane_sum(acc)
+    lane_sum(acc) + tail_sum
 }
 
 /// `x` rounded to the nearest bf16, ties to even (as `bf16::from_f32`), in branch-free form
@@ -589,8 +583,8 @@ fn round_bf16(x: f32) -> bf16 {
 
 /// `e^x` for f32, within 2 ulp of `f32::exp` for `x >= -87` (Cephes' `expf`: `x = n·ln 2 + r`,
 /// a degree-6 polynomial in `r`, the exponent `n` set in the bits). Below -87 the result is 0
-/// (it would be below the smallest normal f32), NaN stays NaN; `x` is at most 0 here, so the
-/// overflow side is not handled.
+/// (it would be below the smallest normal f32; whatever the arithmetic gives there is
+/// discarded), NaN stays NaN; `x` is at most 0 here, so the overflow side is not handled.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOW: f32 = -87.0;
@@ -598,10 +592,9 @@ fn exp(x: f32) -> f32 {
     const ROUNDER: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = if x < LOW { LOW } else { x };
-    let shifted = xc * std::f32::consts::LOG2_E + ROUNDER;
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
     let n = shifted - ROUNDER;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = x - n * LN2_HI - n * LN2_LO;
     let poly = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
         * r
         + 0.166_666_65)
