@@ -1,7 +1,8 @@
-//! CPU kernels that candle 0.11 lacks or runs slowly (convolution, group norm, activations, native
-//! bf16 GEMM, transposes), used by the layers when they apply.
+//! CPU kernels that candle 0.11 lacks or runs slowly (fused attention, convolution, group norm,
+//! activations, native bf16 GEMM, transposes), used by the layers when they apply.
 
 pub mod activation;
+pub mod attention;
 pub mod bf16_gemm;
 pub mod conv2d;
 pub mod group_norm;

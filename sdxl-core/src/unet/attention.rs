@@ -7,6 +7,7 @@ use candle_nn::LayerNorm;
 use super::config::TransformerSpec;
 use crate::error::{Error, Result};
 use crate::kernels::activation;
+use crate::kernels::attention::{self, AttentionSpec};
 use crate::kernels::matmul::matmul;
 use crate::layers::{group_norm, layer_norm, linear, GroupNorm, Linear};
 use crate::loading::Weights;
@@ -25,7 +26,9 @@ const FF_MULT: usize = 4;
 /// Multi-head attention: `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` (with bias).
 ///
 /// Self-attention when no context is given, cross-attention over `encoder_hidden_states`
-/// otherwise. Heads are folded into the batch so that scores are one batched matmul.
+/// otherwise. On the CPU the fused kernel ([`crate::kernels::attention`]) attends in f32 and
+/// (where it runs natively) bf16; elsewhere heads are folded into the batch so that scores are
+/// one batched matmul.
 #[derive(Debug, Clone)]
 pub struct Attention {
     /// Query projection `[heads * head_dim, query_dim]`.
@@ -97,9 +100,22 @@ impl Attention {
         if x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16) {
             return self.forward_flash(x, context);
         }
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        if attention::supports(&q, &k, &v) {
+            let spec = AttentionSpec {
+                heads: self.heads,
+                scale: self.scale as f32,
+                causal: false,
+            };
+            return Ok(self
+                .to_out
+                .forward(&attention::attention(&q, &k, &v, spec)?)?);
+        }
+        let q = self.split_heads(&q)?;
+        let k = self.split_heads(&k)?;
+        let v = self.split_heads(&v)?;
         let scores = (matmul(&q, &k.t()?)? * self.scale)?;
         let probs = softmax_f32(&scores)?;
         let out = matmul(&probs, &v)?

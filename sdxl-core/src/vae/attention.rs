@@ -5,13 +5,15 @@
 use candle_core::{DType, Module, Tensor};
 
 use crate::error::Result;
+use crate::kernels::attention::{self, AttentionSpec};
 use crate::kernels::matmul::matmul;
 use crate::layers::{group_norm, GroupNorm, Linear};
 use crate::loading::Weights;
 
-/// Most attention-score elements materialised at once (per forward call, over the batch): 2^24,
-/// 64 MiB in float32. Larger inputs are processed in chunks of query tokens, with the same
-/// numerics as one big softmax since every query row is independent.
+/// Most attention-score elements materialised at once (per forward call, over the batch) where
+/// the fused CPU kernel does not run: 2^24, 64 MiB in float32. Larger inputs are processed in
+/// chunks of query tokens, with the same numerics as one big softmax since every query row is
+/// independent.
 const MAX_SCORE_ELEMENTS: usize = 1 << 24;
 
 /// Group-normalised single-head self-attention with a residual connection.
@@ -48,38 +50,35 @@ impl VaeAttention {
 
     /// `x + to_out(attention(group_norm(x)))` for `x` `[B, C, H, W]`.
     ///
+    /// On the CPU the fused kernel ([`crate::kernels::attention`]) attends, keeping only a
+    /// block of scores per thread; elsewhere (and for dtypes it does not run) the scores are
+    /// materialised in chunks of query tokens.
+    ///
     /// # Errors
     /// Tensor shape or device failures.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_chunked(x, MAX_SCORE_ELEMENTS)
-    }
-
-    /// [`Self::forward`] materialising at most `max_scores` attention scores at a time.
-    fn forward_chunked(&self, x: &Tensor, max_scores: usize) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let tokens = h * w;
         // [B, C, H, W] -> [B, H*W, C]. Made contiguous: candle 0.11.1's CPU matmul can
         // mis-read a transposed lhs whose rhs is shared across the batch (as in `Linear`).
         let hidden = self
             .group_norm
             .forward(x)?
-            .reshape((b, c, tokens))?
+            .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = (self.to_q.forward(&hidden)? * self.scale)?;
-        let k_t = self.to_k.forward(&hidden)?.t()?;
+        let q = self.to_q.forward(&hidden)?;
+        let k = self.to_k.forward(&hidden)?;
         let v = self.to_v.forward(&hidden)?;
-
-        let chunk = (max_scores / (b * tokens).max(1)).clamp(1, tokens.max(1));
-        let mut outputs = Vec::with_capacity(tokens.div_ceil(chunk));
-        let mut start = 0;
-        while start < tokens {
-            let len = chunk.min(tokens - start);
-            let scores = matmul(&q.narrow(1, start, len)?, &k_t)?;
-            outputs.push(matmul(&softmax_last_dim(&scores)?, &v)?);
-            start += len;
-        }
-        let attended = Tensor::cat(&outputs, 1)?;
+        let attended = if attention::supports(&q, &k, &v) {
+            let spec = AttentionSpec {
+                heads: 1,
+                scale: self.scale as f32,
+                causal: false,
+            };
+            attention::attention(&q, &k, &v, spec)?
+        } else {
+            attend_chunked(&(q * self.scale)?, &k.t()?, &v, MAX_SCORE_ELEMENTS)?
+        };
         let out = self
             .to_out
             .forward(&attended)?
@@ -87,6 +86,22 @@ impl VaeAttention {
             .reshape((b, c, h, w))?;
         Ok((out + x)?)
     }
+}
+
+/// `softmax(q · k_t) · v` for a pre-scaled `q` `[B, N, C]`, materialising at most `max_scores`
+/// scores at a time (over the batch) by chunks of query tokens.
+fn attend_chunked(q: &Tensor, k_t: &Tensor, v: &Tensor, max_scores: usize) -> Result<Tensor> {
+    let (b, tokens, _) = q.dims3()?;
+    let chunk = (max_scores / (b * tokens).max(1)).clamp(1, tokens.max(1));
+    let mut outputs = Vec::with_capacity(tokens.div_ceil(chunk));
+    let mut start = 0;
+    while start < tokens {
+        let len = chunk.min(tokens - start);
+        let scores = matmul(&q.narrow(1, start, len)?, k_t)?;
+        outputs.push(matmul(&softmax_last_dim(&scores)?, v)?);
+        start += len;
+    }
+    Ok(Tensor::cat(&outputs, 1)?)
 }
 
 /// Softmax over the last dimension, computed in float32 for half-precision inputs (diffusers'
@@ -166,13 +181,18 @@ mod tests {
         VaeAttention::new(&w.pp("attn"), C, 2, 1e-6)
     }
 
+    /// Random q, k, v `[2, 35, C]`.
+    fn qkv() -> [Tensor; 3] {
+        [0, 1, 2].map(|_| Tensor::randn(0f32, 1.0, (2, 35, C), &Device::Cpu).unwrap())
+    }
+
     #[test]
     fn chunked_matches_unchunked() {
-        let attn = load(random_weights(["to_q", "to_k", "to_v", "to_out.0"], false)).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, C, 5, 7), &Device::Cpu).unwrap();
-        let full = attn.forward_chunked(&x, usize::MAX).unwrap();
+        let [q, k, v] = qkv();
+        let k_t = k.t().unwrap();
+        let full = attend_chunked(&q, &k_t, &v, usize::MAX).unwrap();
         for budget in [1, 70, 2 * 35 * 6, 1000] {
-            let chunked = attn.forward_chunked(&x, budget).unwrap();
+            let chunked = attend_chunked(&q, &k_t, &v, budget).unwrap();
             // Chunking changes the matmul blocking, hence the last bits: allow a few f32 ulps of
             // the output's magnitude.
             let scale = full
@@ -188,6 +208,22 @@ mod tests {
                 "budget {budget}: {d:e}"
             );
         }
+    }
+
+    #[test]
+    fn fused_kernel_matches_the_chunked_path() {
+        let [q, k, v] = qkv();
+        let scale = 1.0 / (C as f64).sqrt();
+        let spec = AttentionSpec {
+            heads: 1,
+            scale: scale as f32,
+            causal: false,
+        };
+        let fused = attention::attention(&q, &k, &v, spec).unwrap();
+        let chunked =
+            attend_chunked(&(&q * scale).unwrap(), &k.t().unwrap(), &v, usize::MAX).unwrap();
+        let d = max_abs_diff(&fused, &chunked);
+        assert!(d <= 1e-5, "{d:e}");
     }
 
     #[test]

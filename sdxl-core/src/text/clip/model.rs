@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
 
+use crate::kernels::attention::{self, AttentionSpec};
 use crate::kernels::matmul::matmul;
 use crate::layers::Linear;
 
@@ -386,7 +387,8 @@ impl EncoderLayer {
     }
 }
 
-/// Multi-head causal self-attention with all heads in one batched matmul.
+/// Multi-head causal self-attention: the fused kernel on the CPU, elsewhere all heads in one
+/// batched matmul.
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -413,17 +415,33 @@ impl Attention {
         })
     }
 
-    /// `x` `[B, S, H]`, `mask` `[S, S]` f32 added to the scores.
+    /// `x` `[B, S, H]`, `mask` `[S, S]` f32 added to the scores: the causal mask, which the
+    /// fused CPU kernel ([`crate::kernels::attention`]) applies itself where it runs.
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        if attention::supports(&q, &k, &v) {
+            let spec = AttentionSpec {
+                heads: self.heads,
+                scale: self.scale as f32,
+                causal: true,
+            };
+            return Ok(self
+                .out_proj
+                .forward(&attention::attention(&q, &k, &v, spec)?)?);
+        }
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, s, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = heads((self.q_proj.forward(x)? * self.scale)?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
+        let q = heads((q * self.scale)?)?;
+        let k = heads(k)?;
+        let v = heads(v)?;
         let scores = matmul(&q, &k.t()?)?
             .to_dtype(DType::F32)?
             .broadcast_add(mask)?;
