@@ -29,6 +29,7 @@ use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, MatMut, MatRef};
+use super::math::exp;
 use crate::error::{Error, Result};
 
 /// What [`attention`] computes, besides its operands.
@@ -579,36 +580,6 @@ fn round_bf16(x: f32) -> bf16 {
     let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
     let quiet_nan = (bits >> 16) | 0x0040;
     bf16::from_bits(if x.is_nan() { quiet_nan } else { rounded } as u16)
-}
-
-/// `e^x` for f32, within 2 ulp of `f32::exp` for `x >= -87` (Cephes' `expf`: `x = n·ln 2 + r`,
-/// a degree-6 polynomial in `r`, the exponent `n` set in the bits). Below -87 the result is 0
-/// (it would be below the smallest normal f32; whatever the arithmetic gives there is
-/// discarded), NaN stays NaN; `x` is at most 0 here, so the overflow side is not handled.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOW: f32 = -87.0;
-    /// 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUNDER: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
-    let n = shifted - ROUNDER;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let poly = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-        * r
-        + 0.166_666_65)
-        * r
-        + 0.5;
-    let y = poly * (r * r) + r + 1.0;
-    // 2^n: the integer n sits in the low bits of `shifted`; add the exponent bias.
-    let n_bits = shifted.to_bits().wrapping_sub(ROUNDER.to_bits());
-    let pow2 = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    if x < LOW {
-        0.0
-    } else {
-        y * pow2
-    }
 }
 
 /// One operand's values (from its layout's start) and `[B, T, C]` strides, with every element
