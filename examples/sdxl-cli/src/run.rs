@@ -123,6 +123,7 @@ fn load_options(
         variant,
         vae_path,
         vae_tiling: TilingOptions::with_mode(mode),
+        ..LoadOptions::default()
     })
 }
 

@@ -146,19 +146,20 @@ fn pipeline_flops(model: &SdxlModel, params: &GenerateParams) -> Result<Flops, S
     let clip = |tok: &ClipTokenizer, te: &ClipTextModel| {
         flops::clip_forward(te.config(), 1, tok.max_length(), te.has_projection())
     };
+    let stack = model.text().map_err(msg)?;
     let mut text = Flops::default();
-    if let Some((tok, te)) = &model.text.encoder_1 {
+    if let Some((tok, te)) = &stack.encoder_1 {
         text = text.plus(clip(tok, te));
     }
-    let (tok2, te2) = &model.text.encoder_2;
+    let (tok2, te2) = &stack.encoder_2;
     text = text.plus(clip(tok2, te2));
     let negatives_encoded =
         !(model.index.force_zeros_for_empty_prompt && params.prompts.negative_prompt.is_none());
-    let f = model.vae.config().downscale_factor();
+    let f = model.vae_config().downscale_factor();
     let latent = (params.height / f, params.width / f);
     let cfg_batch = if params.guidance_scale > 1.0 { 2 } else { 1 } * params.num_images;
-    let unet = flops::unet_forward(model.unet.config(), cfg_batch, latent, tok2.max_length())?;
-    let vae = flops::vae_decode(model.vae.config(), latent).times(params.num_images as u64);
+    let unet = flops::unet_forward(model.unet_config(), cfg_batch, latent, tok2.max_length())?;
+    let vae = flops::vae_decode(model.vae_config(), latent).times(params.num_images as u64);
     Ok(text
         .times(if negatives_encoded { 2 } else { 1 })
         .plus(unet.times(params.steps as u64))
@@ -312,7 +313,7 @@ impl Bench<'_> {
                 component: "pipeline",
                 op: "txt2img",
                 dtype: name,
-                shape: format!("1x{}x{px}x{px}", model.vae.config().out_channels),
+                shape: format!("1x{}x{px}x{px}", model.vae_config().out_channels),
                 flops: pipeline_flops(&model, &params)?,
                 extra: extra(&[("px", px), ("steps", steps)]),
             };
