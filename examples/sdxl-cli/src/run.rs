@@ -116,7 +116,7 @@ fn load_options(
         VaeTiling::On => TilingMode::On,
         VaeTiling::Off => TilingMode::Off,
     };
-    Ok(LoadOptions {
+    let options = LoadOptions {
         device,
         dtype,
         vae_dtype: None,
@@ -124,6 +124,11 @@ fn load_options(
         vae_path,
         vae_tiling: TilingOptions::with_mode(mode),
         ..LoadOptions::default()
+    };
+    Ok(if s.low_memory {
+        options.low_memory()
+    } else {
+        options
     })
 }
 
