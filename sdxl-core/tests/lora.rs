@@ -84,13 +84,14 @@ fn layer_weights(model: &SdxlModel) -> Vec<(String, Tensor)> {
     model
         .unet()
         .unwrap()
-        .into_owned()
+        .to_mut()
         .visit_layers_mut(&mut |name, layer: LayerMut<'_>| {
             out.push((format!("unet.{name}"), layer.weight().clone()));
             Ok(())
         })
         .unwrap();
-    let mut text = model.text().unwrap().into_owned();
+    let mut text = model.text().unwrap();
+    let text = text.to_mut();
     for (c, enc) in [
         ("text_encoder", text.encoder_1.as_mut().map(|(_, e)| e)),
         ("text_encoder_2", Some(&mut text.encoder_2.1)),
@@ -747,7 +748,7 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
     let mut targets = Vec::new();
     base.unet()
         .unwrap()
-        .into_owned()
+        .to_mut()
         .visit_layers_mut(&mut |name, layer| {
             if !name.contains(".attentions.") {
                 let dims = layer.weight().dims().to_vec();

@@ -10,8 +10,6 @@ mod common;
 
 use sdxl_core::pipeline::RunControl;
 
-use std::borrow::Cow;
-
 use candle_core::{DType, Device, Tensor, D};
 use common::replay::{embeds_by_name, encode_prompt_cases, prompt_texts};
 use common::{
@@ -30,9 +28,11 @@ use serde_json::Value;
 
 /// The model's tokenizer/encoder pairs in concatenation order.
 fn pairs(model: &SdxlModel) -> Vec<&(ClipTokenizer, ClipTextModel)> {
-    let Cow::Borrowed(text) = model.text().unwrap() else {
-        panic!("the test models keep their text encoders resident");
-    };
+    let text = model
+        .text()
+        .unwrap()
+        .resident()
+        .expect("the test models keep their text encoders resident");
     text.encoder_1
         .iter()
         .chain(std::iter::once(&text.encoder_2))

@@ -154,9 +154,10 @@ impl LayerIndex {
             kohya: HashMap::new(),
         };
         if components.contains(&LoraComponent::Unet) {
-            let mut unet = model.unmerged_unet()?.into_owned();
+            let mut unet = model.unmerged_unet()?;
             let layout = SgmUnetLayout::of(&unet);
-            unet.visit_layers_mut(&mut index.recorder(LoraComponent::Unet, Some(&layout)))?;
+            unet.to_mut()
+                .visit_layers_mut(&mut index.recorder(LoraComponent::Unet, Some(&layout)))?;
         }
         let text_components: Vec<LoraComponent> = components
             .iter()
@@ -164,9 +165,13 @@ impl LayerIndex {
             .filter(|&c| c != LoraComponent::Unet)
             .collect();
         if !text_components.is_empty() {
-            let mut text = model.unmerged_text()?.into_owned();
+            let mut text = model.unmerged_text()?;
             for component in text_components {
-                visit_text(&mut text, component, &mut index.recorder(component, None))?;
+                visit_text(
+                    text.to_mut(),
+                    component,
+                    &mut index.recorder(component, None),
+                )?;
             }
         }
         Ok(index)

@@ -2,11 +2,13 @@
 //! checkpoint, each component kept in memory or read from its checkpoint when it is used.
 
 use std::borrow::Cow;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
+use crate::loading::memory::release_free_memory;
 use crate::loading::single_file::{self, defaults, SingleFile, SingleFileHints};
 use crate::loading::{component_weight_files, read_json, ModelIndex, Weights};
 use crate::lora::{LoraComponent, PendingLoras};
@@ -116,8 +118,9 @@ pub struct TextStack {
 /// Every component of an SDXL base or refiner.
 ///
 /// The text encoders, the UNet and the VAE are reached through [`text`](Self::text),
-/// [`unet`](Self::unet) and [`vae`](Self::vae): borrowed when they are resident, read from the
-/// checkpoint for the caller when they are loaded on demand (see [`Residency`]).
+/// [`unet`](Self::unet) and [`vae`](Self::vae) as a [`Loaded`]: borrowed when they are
+/// resident, read from the checkpoint for the caller when they are loaded on demand (see
+/// [`Residency`]).
 pub struct SdxlModel {
     /// Where it was loaded from.
     pub path: PathBuf,
@@ -156,11 +159,69 @@ impl<T: Clone, S> Held<T, S> {
     }
 
     /// The resident component, or one built from the source now.
-    fn get(&self, build: impl FnOnce(&S) -> Result<T>) -> Result<Cow<'_, T>> {
-        match self {
-            Self::Resident(t) => Ok(Cow::Borrowed(t)),
-            Self::OnDemand(source) => build(source).map(Cow::Owned),
+    fn get(&self, build: impl FnOnce(&S) -> Result<T>) -> Result<Loaded<'_, T>> {
+        Ok(match self {
+            Self::Resident(t) => Loaded {
+                value: Cow::Borrowed(t),
+                _release: None,
+            },
+            Self::OnDemand(source) => Loaded {
+                value: Cow::Owned(build(source)?),
+                _release: Some(ReleaseOnDrop),
+            },
+        })
+    }
+}
+
+/// A component of an [`SdxlModel`] for one use: borrowed from the model when it is resident,
+/// or read from the checkpoint for this use when it is loaded on demand. Dropping a component
+/// read on demand frees its weights and hands the freed memory back to the system (the
+/// allocator would otherwise keep it for the process).
+pub struct Loaded<'a, T: Clone> {
+    // Fields drop in order: the weights, then the release of their memory.
+    value: Cow<'a, T>,
+    _release: Option<ReleaseOnDrop>,
+}
+
+/// Returns the memory freed so far to the system when dropped.
+struct ReleaseOnDrop;
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        release_free_memory();
+    }
+}
+
+impl<'a, T: Clone> Loaded<'a, T> {
+    /// The model's own component when it is resident; `None` when it was read for this use.
+    pub fn resident(&self) -> Option<&'a T> {
+        match self.value {
+            Cow::Borrowed(t) => Some(t),
+            Cow::Owned(_) => None,
         }
+    }
+
+    /// The component to edit: a copy of a resident one (its tensors are shared until they are
+    /// replaced), or the one read for this use.
+    pub fn to_mut(&mut self) -> &mut T {
+        self.value.to_mut()
+    }
+}
+
+impl<T: Clone> Deref for Loaded<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: Clone + std::fmt::Debug> std::fmt::Debug for Loaded<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("resident", &self.resident().is_some())
+            .field("component", &*self.value)
+            .finish()
     }
 }
 
@@ -325,13 +386,13 @@ impl SdxlModel {
         let (text, unet) = (parts.text, parts.unet);
         let on_demand = |r: Residency| r == Residency::OnDemand;
         if on_demand(options.vae) {
-            build_vae(&vae)?;
+            check(&vae, build_vae)?;
         }
         if on_demand(options.text_encoders) {
-            build_text(&text)?;
+            check(&text, build_text)?;
         }
         if on_demand(options.unet) {
-            build_unet(&unet)?;
+            check(&unet, build_unet)?;
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -351,7 +412,7 @@ impl SdxlModel {
     ///
     /// # Errors
     /// On demand: read errors of the checkpoint, tensor failures while merging LoRAs.
-    pub fn text(&self) -> Result<Cow<'_, TextStack>> {
+    pub fn text(&self) -> Result<Loaded<'_, TextStack>> {
         self.text.get(|source| {
             let mut text = build_text(source)?;
             self.loras.merge_into_text(&mut text)?;
@@ -364,7 +425,7 @@ impl SdxlModel {
     ///
     /// # Errors
     /// On demand: read errors of the checkpoint, tensor failures while merging LoRAs.
-    pub fn unet(&self) -> Result<Cow<'_, UNet2DConditionModel>> {
+    pub fn unet(&self) -> Result<Loaded<'_, UNet2DConditionModel>> {
         self.unet.get(|source| {
             let mut unet = build_unet(source)?;
             self.loras.merge_into_unet(&mut unet)?;
@@ -377,7 +438,7 @@ impl SdxlModel {
     ///
     /// # Errors
     /// On demand: read errors of the checkpoint.
-    pub fn vae(&self) -> Result<Cow<'_, AutoencoderKL>> {
+    pub fn vae(&self) -> Result<Loaded<'_, AutoencoderKL>> {
         self.vae.get(build_vae)
     }
 
@@ -426,14 +487,21 @@ impl SdxlModel {
 
     /// The UNet as stored: borrowed when resident, read without the model's LoRAs when loaded
     /// on demand (for its layer names and shapes).
-    pub(crate) fn unmerged_unet(&self) -> Result<Cow<'_, UNet2DConditionModel>> {
+    pub(crate) fn unmerged_unet(&self) -> Result<Loaded<'_, UNet2DConditionModel>> {
         self.unet.get(build_unet)
     }
 
     /// The text encoders as stored: see [`Self::unmerged_unet`].
-    pub(crate) fn unmerged_text(&self) -> Result<Cow<'_, TextStack>> {
+    pub(crate) fn unmerged_text(&self) -> Result<Loaded<'_, TextStack>> {
         self.text.get(build_text)
     }
+}
+
+/// Builds a component to check its checkpoint, then drops it and releases its memory.
+fn check<S, T>(source: &S, build: impl FnOnce(&S) -> Result<T>) -> Result<()> {
+    drop(build(source)?);
+    release_free_memory();
+    Ok(())
 }
 
 fn build_text(t: &TextSources) -> Result<TextStack> {
