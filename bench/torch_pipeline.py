@@ -71,9 +71,11 @@ def emit(rec: dict, out):
 
 
 def to_meta(value):
-    """The same structure with every tensor replaced by an empty one of its shape on 'meta'."""
+    """The same structure with every tensor replaced by an empty one of its shape on 'meta'
+    (floats as float32, the dtype of the meta copies: FLOPs do not depend on it)."""
     if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        dtype = torch.float32 if value.is_floating_point() else value.dtype
+        return torch.empty(value.shape, dtype=dtype, device="meta")
     if isinstance(value, (list, tuple)):
         return type(value)(to_meta(v) for v in value)
     if isinstance(value, dict):
