@@ -9,7 +9,10 @@
 #
 # Bench flags are passed to both sides: --components --dtypes --refiner-dtypes --unet-sizes
 # --refiner-sizes --vae-sizes --vae-encode-px --matmul-sizes --batch --repeats --warmup
-# --threads. Ours only: --pipeline-px --pipeline-steps (the `pipeline` row has no torch twin).
+# --threads. The `pipeline` component (whole generations: txt2img, and txt2img+refiner with
+# --refiner) runs ours once per --pipeline-modes entry (default `resident,low-memory`: the
+# second adds `sdxl bench --low-memory`) and torch's side with bench/torch_pipeline.py, both
+# with --pipeline-px --pipeline-steps --dtypes --repeats --warmup --threads.
 # Environment: PY (a python with torch/diffusers/transformers; default ../venv/bin/python),
 # TORCH_BASELINE (default ../shared/bench/torch_baseline.py), SDXL_FULL (default ../full: the
 # folder holding base-diffusers/ and refiner-diffusers/), TORCH_ARGS (extra torch flags),
@@ -30,8 +33,10 @@ REFINER=""
 OUT=""
 JOIN=""
 COMPONENTS=""
+PIPELINE_MODES=resident,low-memory
 COMMON=()
-OURS_ONLY=()
+PIPELINE_ARGS=()
+TORCH_PIPELINE_ARGS=()
 
 while [ $# -gt 0 ]; do
     flag=$1
@@ -48,7 +53,10 @@ while [ $# -gt 0 ]; do
         --out) OUT=$value ;;
         --join) JOIN=$value ;;
         --components) COMPONENTS=$value ;;
-        --pipeline-px|--pipeline-steps) OURS_ONLY+=("$flag" "$value") ;;
+        --pipeline-modes) PIPELINE_MODES=$value ;;
+        --pipeline-px|--pipeline-steps) PIPELINE_ARGS+=("$flag" "$value") ;;
+        --dtypes|--repeats|--warmup|--threads)
+            COMMON+=("$flag" "$value"); TORCH_PIPELINE_ARGS+=("$flag" "$value") ;;
         *) COMMON+=("$flag" "$value") ;;
     esac
 done
@@ -82,17 +90,18 @@ join_table() {
 import json, sys
 
 def rows(path):
-    out, machine = {}, None
+    out, machine = [], None
     for line in open(path):
         r = json.loads(line)
         if r.get("kind") == "machine":
             machine = machine or r
         if r.get("kind") in ("measure", "error") and "op" in r:
-            out[(r["component"], r["op"], r["dtype"], r["shape"])] = r
+            out.append(((r["component"], r["op"], r["dtype"], r["shape"]), r))
     return out, machine
 
 ours, m_ours = rows(sys.argv[1])
-torch, m_torch = rows(sys.argv[2])
+torch_rows, m_torch = rows(sys.argv[2])
+torch = dict(torch_rows)
 for name, m in (("ours", m_ours), ("torch", m_torch)):
     if m:
         print(f"{name}: {m.get('cpu')}, {m.get('logical_cpus')} logical CPUs, "
@@ -101,7 +110,7 @@ for name, m in (("ours", m_ours), ("torch", m_torch)):
 print()
 head = ("component", "op", "dtype", "shape", "ours s", "torch s", "ours/torch",
         "CPU-s ours/torch", "GFLOP", "ours GFLOP/s", "torch GFLOP/s", "ours RSS", "torch RSS",
-        "cores own/others ours", "torch", "note")
+        "ours process peak", "torch process peak", "cores own/others ours", "torch", "note")
 print("| " + " | ".join(head) + " |")
 print("|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|")
 
@@ -111,8 +120,9 @@ def fmt(v, d):
 def ok(r):
     return r if r and r["kind"] == "measure" else {}
 
-for key in list(ours) + [k for k in torch if k not in ours]:
-    o, t = ours.get(key), torch.get(key)
+ours_keys = {k for k, _ in ours}
+pairs = [(k, o, torch.get(k)) for k, o in ours] + [(k, None, t) for k, t in torch_rows if k not in ours_keys]
+for key, o, t in pairs:
     om, tm = ok(o).get("median_s"), ok(t).get("median_s")
     # CPU seconds per run (median x cores this process kept busy): fairer than wall time when
     # the two sides got different shares of a contended machine.
@@ -123,17 +133,20 @@ for key in list(ours) + [k for k in torch if k not in ours]:
     if g_o and g_t and abs(g_o - g_t) > 0.005 * g_t:
         notes.append(f"GFLOP differ: torch {g_t:.1f}")
     cores = lambda r: "-" if "own_cores" not in r else f"{fmt(r['own_cores'], 2)}/{fmt(r['others_cores'], 2)}"
-    cells = list(key) + [
+    op = key[1] + (" (ours low-memory)" if (o or {}).get("low_memory") else "")
+    cells = [key[0], op, key[2], key[3]] + [
         fmt(om, 3), fmt(tm, 3),
         fmt(om / tm if om and tm else None, 2),
         fmt((om * oc) / (tm * tc) if om and tm and oc and tc else None, 2),
         fmt(g_o if g_o is not None else g_t, 1),
         fmt(ok(o).get("gflops_per_s_median"), 0), fmt(ok(t).get("gflops_per_s_median"), 0),
         fmt(ok(o).get("peak_rss_gib"), 2), fmt(ok(t).get("peak_rss_gib"), 2),
+        fmt(ok(o).get("process_peak_rss_gib"), 2), fmt(ok(t).get("process_peak_rss_gib"), 2),
         cores(ok(o)), cores(ok(t)), "; ".join(notes)]
     print("| " + " | ".join(cells) + " |")
 print("\nours/torch > 1: ours is slower (wall time; CPU-s: median x own cores, i.e. per CPU "
-      "second used). RSS: peak GiB over warm-up and timed runs, weights included.")
+      "second used). RSS: peak GiB over warm-up and timed runs, weights included; process "
+      "peak: the process's peak up to the end of the row, loading included.")
 PYEOF
 }
 
@@ -155,14 +168,37 @@ MODEL_FLAGS=(--model "$MODEL")
 echo "building sdxl (release)…" >&2
 cargo build --release -q -p sdxl-cli
 
+# Our bench on one component, its lines appended to ours.jsonl.
+ours() {
+    cargo run --release -q -p sdxl-cli -- bench --json "${MODEL_FLAGS[@]}" --components "$@" \
+        ${COMMON[@]+"${COMMON[@]}"} | tee -a "$OURS_JSONL" \
+        || echo "{\"kind\": \"error\", \"component\": \"$1\", \"error\": \"sdxl bench exited with an error\"}" >>"$OURS_JSONL"
+}
+
 IFS=, read -r -a LIST <<<"$COMPONENTS"
 for c in "${LIST[@]}"; do
+    if [ "$c" = pipeline ]; then
+        IFS=, read -r -a MODES <<<"$PIPELINE_MODES"
+        for mode in "${MODES[@]}"; do
+            wait_quiet
+            echo "== pipeline: ours ($mode)" >&2
+            case $mode in
+                resident) ours pipeline ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} ;;
+                low-memory) ours pipeline ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} --low-memory ;;
+                *) echo "compare.sh: --pipeline-modes takes resident and low-memory, not $mode" >&2; exit 2 ;;
+            esac
+        done
+        wait_quiet
+        echo "== pipeline: torch" >&2
+        "$PY" bench/torch_pipeline.py "${MODEL_FLAGS[@]}" ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} \
+            ${TORCH_PIPELINE_ARGS[@]+"${TORCH_PIPELINE_ARGS[@]}"} \
+            | grep '^{' | tee -a "$TORCH_JSONL" \
+            || echo '{"kind": "error", "component": "pipeline", "error": "torch_pipeline.py exited with an error"}' >>"$TORCH_JSONL"
+        continue
+    fi
     wait_quiet
     echo "== $c: ours" >&2
-    cargo run --release -q -p sdxl-cli -- bench --json "${MODEL_FLAGS[@]}" --components "$c" \
-        ${COMMON[@]+"${COMMON[@]}"} ${OURS_ONLY[@]+"${OURS_ONLY[@]}"} | tee -a "$OURS_JSONL" \
-        || echo "{\"kind\": \"error\", \"component\": \"$c\", \"error\": \"sdxl bench exited with an error\"}" >>"$OURS_JSONL"
-    [ "$c" = pipeline ] && continue
+    ours "$c"
     wait_quiet
     echo "== $c: torch" >&2
     # shellcheck disable=SC2086  # TORCH_ARGS is a list of flags

@@ -227,6 +227,32 @@ fn bad_input_gives_distinct_typed_errors() {
 }
 
 #[test]
+fn components_loaded_on_demand_are_checked_at_load() {
+    // A component that is only read when used must still fail at load, naming the tensor that
+    // does not fit its config, not at the first generation.
+    let base = common::base_dir();
+    for (component, key, value) in [
+        ("text_encoder", "intermediate_size", 40),
+        ("unet", "out_channels", 8),
+        ("vae", "latent_channels", 8),
+    ] {
+        let dir = scratch(&format!("on-demand-{component}"));
+        copy_dir(&base, &dir);
+        let path = dir.join(component).join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[key] = value.into();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let r = SdxlModel::load(&dir, &LoadOptions::default().low_memory());
+        match r {
+            Err(Error::ShapeMismatch { key, .. }) => println!("{component}: {key}"),
+            other => panic!("{component}: expected ShapeMismatch at load, got {other:?}"),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
 fn components_load_alone_in_any_dtype() {
     let base = common::base_dir();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -240,13 +266,13 @@ fn components_load_alone_in_any_dtype() {
             },
         )
         .unwrap();
-        assert_eq!(model.unet.dtype(), dtype);
+        assert_eq!(model.unet().unwrap().dtype(), dtype);
         // The SDXL VAE overflows in f16: with force_upcast it stays in f32.
         let expected_vae = if dtype == DType::F16 && vae.force_upcast() {
             DType::F32
         } else {
             dtype
         };
-        assert_eq!(model.vae.dtype(), expected_vae, "{dtype:?}");
+        assert_eq!(model.vae().unwrap().dtype(), expected_vae, "{dtype:?}");
     }
 }

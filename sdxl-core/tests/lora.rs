@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Device, Tensor};
 use common::replay::{check_u8, diffusers_prompts, embeds_by_name, params_from, Recorder};
 use common::{
-    base_model, golden, goldens, index_entries, load_model, manifest, refiner_model, Parity,
+    base_model, golden, goldens, index_entries, load_model, manifest, residencies, Parity,
 };
 use sdxl_core::layers::LayerMut;
 use sdxl_core::lora::{
@@ -77,22 +77,24 @@ fn num_modules(adapter: &str) -> usize {
 }
 
 /// Every layer weight of the model (UNet linears and convolutions, text-encoder linears), as
-/// (`component.module`, weight).
-fn layer_weights(model: &mut SdxlModel) -> Vec<(String, Tensor)> {
+/// (`component.module`, weight): those of the resident components, or of components just read
+/// with the model's LoRAs merged when they are loaded on demand.
+fn layer_weights(model: &SdxlModel) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     model
-        .unet
+        .unet()
+        .unwrap()
+        .to_mut()
         .visit_layers_mut(&mut |name, layer: LayerMut<'_>| {
             out.push((format!("unet.{name}"), layer.weight().unwrap()));
             Ok(())
         })
         .unwrap();
+    let mut text = model.text().unwrap();
+    let text = text.to_mut();
     for (c, enc) in [
-        (
-            "text_encoder",
-            model.text.encoder_1.as_mut().map(|(_, e)| e),
-        ),
-        ("text_encoder_2", Some(&mut model.text.encoder_2.1)),
+        ("text_encoder", text.encoder_1.as_mut().map(|(_, e)| e)),
+        ("text_encoder_2", Some(&mut text.encoder_2.1)),
     ] {
         if let Some(enc) = enc {
             enc.visit_linears_mut(&mut |name, l| {
@@ -106,7 +108,7 @@ fn layer_weights(model: &mut SdxlModel) -> Vec<(String, Tensor)> {
 }
 
 /// Every layer weight as f32 bit patterns, by `component.module`.
-fn snapshot(model: &mut SdxlModel) -> HashMap<String, Vec<u32>> {
+fn snapshot(model: &SdxlModel) -> HashMap<String, Vec<u32>> {
     layer_weights(model)
         .into_iter()
         .map(|(k, w)| {
@@ -124,7 +126,7 @@ fn snapshot(model: &mut SdxlModel) -> HashMap<String, Vec<u32>> {
 }
 
 /// The weight of one layer.
-fn weight_of(model: &mut SdxlModel, component: LoraComponent, module: &str) -> Tensor {
+fn weight_of(model: &SdxlModel, component: LoraComponent, module: &str) -> Tensor {
     let key = format!("{component}.{module}");
     layer_weights(model)
         .into_iter()
@@ -160,7 +162,7 @@ impl FuseCase {
     }
 
     /// The current weight of every listed module, with the module's golden prefix.
-    fn module_weights(&self, model: &mut SdxlModel) -> Vec<(String, Tensor)> {
+    fn module_weights(&self, model: &SdxlModel) -> Vec<(String, Tensor)> {
         self.modules
             .iter()
             .map(|m| {
@@ -173,7 +175,7 @@ impl FuseCase {
 }
 
 /// Asserts that every weight is bit-identical to the snapshot.
-fn assert_unchanged(model: &mut SdxlModel, before: &HashMap<String, Vec<u32>>, what: &str) {
+fn assert_unchanged(model: &SdxlModel, before: &HashMap<String, Vec<u32>>, what: &str) {
     let now = snapshot(model);
     assert_eq!(now.len(), before.len(), "{what}: layer count");
     let changed: Vec<&String> = now
@@ -193,7 +195,7 @@ fn assert_unchanged(model: &mut SdxlModel, before: &HashMap<String, Vec<u32>>, w
 #[test]
 fn kohya_names_match_the_manifest() {
     let base = base_model();
-    let layout = SgmUnetLayout::of(&base.unet);
+    let layout = SgmUnetLayout::of(&base.unet().unwrap());
     let mut checked = 0;
     for adapter in lora_manifest()["adapters"].as_array().expect("adapters") {
         for (c, modules) in adapter["modules"].as_object().expect("modules") {
@@ -238,51 +240,65 @@ fn both_formats_read_the_same_modules() {
 fn fused_weights_match_diffusers_and_removal_is_exact() {
     let g = goldens(GOLDENS);
     let fuse = FuseCase::from_manifest();
-    let mut base = base_model();
-    let original = snapshot(&mut base);
-    let mut p = Parity::new();
-    let mut merged_by_format = Vec::new();
-    for (fmt, _) in FORMATS {
-        let loras = load_adapters(fmt);
-        for (prefix, w) in fuse.module_weights(&mut base) {
-            let name = format!("{prefix}.weight_orig");
-            p.check(&format!("{fmt}: {name}"), &w, golden(&g, &name));
+    for (residency, options) in residencies() {
+        let mut base = load_model(&common::base_dir(), &options);
+        let original = snapshot(&base);
+        let mut p = Parity::new();
+        let mut merged_by_format = Vec::new();
+        for (fmt, _) in FORMATS {
+            let loras = load_adapters(fmt);
+            for (prefix, w) in fuse.module_weights(&base) {
+                let name = format!("{prefix}.weight_orig");
+                p.check(
+                    &format!("{residency}, {fmt}: {name}"),
+                    &w,
+                    golden(&g, &name),
+                );
+            }
+            let applied = base.apply_loras(&[fuse.spec(&loras)]).unwrap();
+            assert_eq!(
+                applied.num_layers(),
+                num_modules(&fuse.adapter),
+                "{residency}, {fmt}: merged layers"
+            );
+            assert!(applied.skipped().is_empty());
+            for (prefix, w) in fuse.module_weights(&base) {
+                let name = format!("{prefix}.weight_fused");
+                p.check(
+                    &format!("{residency}, {fmt}: {name}"),
+                    &w,
+                    golden(&g, &name),
+                );
+            }
+            merged_by_format.push(snapshot(&base));
+            base.remove_loras(&applied).unwrap();
+            assert_unchanged(
+                &base,
+                &original,
+                &format!("{residency}, {fmt}: after remove_loras"),
+            );
+            assert!(
+                base.remove_loras(&applied).is_err(),
+                "{residency}, {fmt}: removing twice must fail"
+            );
         }
-        let applied = base.apply_loras(&[fuse.spec(&loras)]).unwrap();
+        let [diffusers, kohya] = merged_by_format.as_slice() else {
+            panic!("two formats");
+        };
+        let differing = diffusers
+            .iter()
+            .filter(|(k, v)| kohya.get(*k) != Some(v))
+            .count();
+        println!(
+            "kohya vs diffusers merged weights: {differing} of {} layers differ",
+            diffusers.len()
+        );
         assert_eq!(
-            applied.num_layers(),
-            num_modules(&fuse.adapter),
-            "{fmt}: merged layers"
+            differing, 0,
+            "kohya and diffusers files merge to different weights"
         );
-        assert!(applied.skipped().is_empty());
-        for (prefix, w) in fuse.module_weights(&mut base) {
-            let name = format!("{prefix}.weight_fused");
-            p.check(&format!("{fmt}: {name}"), &w, golden(&g, &name));
-        }
-        merged_by_format.push(snapshot(&mut base));
-        base.remove_loras(&applied).unwrap();
-        assert_unchanged(&mut base, &original, &format!("{fmt}: after remove_loras"));
-        assert!(
-            base.remove_loras(&applied).is_err(),
-            "{fmt}: removing twice must fail"
-        );
+        p.finish();
     }
-    let [diffusers, kohya] = merged_by_format.as_slice() else {
-        panic!("two formats");
-    };
-    let differing = diffusers
-        .iter()
-        .filter(|(k, v)| kohya.get(*k) != Some(v))
-        .count();
-    println!(
-        "kohya vs diffusers merged weights: {differing} of {} layers differ",
-        diffusers.len()
-    );
-    assert_eq!(
-        differing, 0,
-        "kohya and diffusers files merge to different weights"
-    );
-    p.finish();
 }
 
 #[test]
@@ -298,17 +314,17 @@ fn merging_keeps_half_precision_models_in_their_dtype() {
             ..LoadOptions::default()
         };
         let mut base = load_model(&common::base_dir(), &options);
-        let original = snapshot(&mut base);
+        let original = snapshot(&base);
         let applied = base.apply_loras(&[fuse.spec(&loras)]).unwrap();
         let mut p = Parity::with_tolerance(tol);
-        for (prefix, w) in fuse.module_weights(&mut base) {
+        for (prefix, w) in fuse.module_weights(&base) {
             assert_eq!(w.dtype(), dtype);
             let name = format!("{prefix}.weight_fused");
             p.check(&format!("{dtype:?}: {name}"), &w, golden(&g, &name));
         }
         p.finish();
         base.remove_loras(&applied).unwrap();
-        assert_unchanged(&mut base, &original, &format!("{dtype:?}: after removal"));
+        assert_unchanged(&base, &original, &format!("{dtype:?}: after removal"));
     }
 }
 
@@ -341,109 +357,117 @@ fn case_specs<'a>(case: &Value, loras: &'a HashMap<String, LoraWeights>) -> Vec<
 fn text_to_image_with_loras_matches_diffusers() {
     let g = goldens(GOLDENS);
     let entries = index_entries(GOLDENS);
-    let mut base = base_model();
-    let original = snapshot(&mut base);
-    let mut p = Parity::new();
-    let mut images = 0;
-    for (fmt, _) in FORMATS {
-        let loras = load_adapters(fmt);
-        for case in lora_manifest()["t2i"].as_array().expect("t2i cases") {
-            let name = case["case"].as_str().expect("case name");
-            let specs = case_specs(case, &loras);
-            let applied = base.apply_loras(&specs).unwrap();
-            let params = params_from(&case["kwargs"], None);
-            let latents_in = golden(&g, &format!("{name}.latents_in"));
-            let mut rec = Recorder::default();
-            let out = text_to_image(
-                &base,
-                &params,
-                Some(latents_in),
-                RunControl::observing(&mut rec),
-            )
-            .expect("t2i");
-            let prefix = format!("{name}.");
-            for e in &entries {
-                let gname = e["name"].as_str().expect("golden name");
-                let Some(key) = gname.strip_prefix(&prefix) else {
-                    continue;
-                };
-                let label = format!("{fmt}: {gname}");
-                match key.split_once('.') {
-                    Some((group @ ("loop" | "unet"), k)) => {
-                        p.check(&label, &rec.value(group, k), golden(&g, gname));
+    for (residency, options) in residencies() {
+        let mut base = load_model(&common::base_dir(), &options);
+        let original = snapshot(&base);
+        let mut p = Parity::new();
+        let mut images = 0;
+        for (fmt, _) in FORMATS {
+            let loras = load_adapters(fmt);
+            for case in lora_manifest()["t2i"].as_array().expect("t2i cases") {
+                let name = case["case"].as_str().expect("case name");
+                let specs = case_specs(case, &loras);
+                let applied = base.apply_loras(&specs).unwrap();
+                let params = params_from(&case["kwargs"], None);
+                let latents_in = golden(&g, &format!("{name}.latents_in"));
+                let mut rec = Recorder::default();
+                let out = text_to_image(
+                    &base,
+                    &params,
+                    Some(latents_in),
+                    RunControl::observing(&mut rec),
+                )
+                .expect("t2i");
+                let prefix = format!("{name}.");
+                for e in &entries {
+                    let gname = e["name"].as_str().expect("golden name");
+                    let Some(key) = gname.strip_prefix(&prefix) else {
+                        continue;
+                    };
+                    let label = format!("{residency}, {fmt}: {gname}");
+                    match key.split_once('.') {
+                        Some((group @ ("loop" | "unet"), k)) => {
+                            p.check(&label, &rec.value(group, k), golden(&g, gname));
+                        }
+                        None if key == "latents_in" => {}
+                        None if key == "latents_out" => p.check(&label, &out, golden(&g, gname)),
+                        None if key == "vae_decode_out" => {
+                            p.check(
+                                &label,
+                                &decode_latents(&base, &out).unwrap(),
+                                golden(&g, gname),
+                            );
+                        }
+                        None if key == "image_uint8" => {
+                            let decoded = decode_latents(&base, &out).unwrap();
+                            check_u8(
+                                &label,
+                                &RgbImage::from_decoded(&decoded).unwrap(),
+                                golden(&g, gname),
+                            );
+                            images += 1;
+                        }
+                        _ => panic!("golden `{gname}` is not handled by this test"),
                     }
-                    None if key == "latents_in" => {}
-                    None if key == "latents_out" => p.check(&label, &out, golden(&g, gname)),
-                    None if key == "vae_decode_out" => {
-                        p.check(
-                            &label,
-                            &decode_latents(&base, &out).unwrap(),
-                            golden(&g, gname),
-                        );
-                    }
-                    None if key == "image_uint8" => {
-                        let decoded = decode_latents(&base, &out).unwrap();
-                        check_u8(
-                            &label,
-                            &RgbImage::from_decoded(&decoded).unwrap(),
-                            golden(&g, gname),
-                        );
-                        images += 1;
-                    }
-                    _ => panic!("golden `{gname}` is not handled by this test"),
                 }
+                base.remove_loras(&applied).unwrap();
+                assert_unchanged(
+                    &base,
+                    &original,
+                    &format!("{residency}, {fmt}: {name}: after removal"),
+                );
             }
-            base.remove_loras(&applied).unwrap();
-            assert_unchanged(
-                &mut base,
-                &original,
-                &format!("{fmt}: {name}: after removal"),
-            );
         }
+        assert!(images > 0, "no image golden compared");
+        p.finish();
     }
-    assert!(images > 0, "no image golden compared");
-    p.finish();
 }
 
 #[test]
 fn encode_prompt_with_lora_matches_diffusers() {
     let g = goldens(GOLDENS);
     let entries = index_entries(GOLDENS);
-    let mut base = base_model();
-    let mut p = Parity::new();
-    for (fmt, _) in FORMATS {
-        let loras = load_adapters(fmt);
-        for case in lora_manifest()["encode_prompt"].as_array().expect("cases") {
-            let name = case["case"].as_str().expect("case name");
-            // encode_prompt(lora_scale=s) scales every loaded adapter (weight 1) by s.
-            let scale = case["lora_scale"].as_f64().unwrap_or(1.0);
-            let specs: Vec<LoraSpec<'_>> = case["loras"]
-                .as_array()
-                .expect("loras")
-                .iter()
-                .map(|l| LoraSpec {
-                    lora: &loras[l["name"].as_str().expect("lora name")],
-                    scale,
-                })
-                .collect();
-            let applied = base.apply_loras(&specs).unwrap();
-            let e =
-                encode_prompt(&base, &diffusers_prompts(&case["kwargs"])).expect("encode_prompt");
-            let ours = HashMap::from(embeds_by_name(&e));
-            let prefix = format!("{name}.");
-            for entry in &entries {
-                let gname = entry["name"].as_str().expect("golden name");
-                if let Some(key) = gname.strip_prefix(&prefix) {
-                    let t = ours
-                        .get(key)
-                        .unwrap_or_else(|| panic!("golden `{gname}` is not handled"));
-                    p.check(&format!("{fmt}: {gname}"), t, golden(&g, gname));
+    for (residency, options) in residencies() {
+        let mut base = load_model(&common::base_dir(), &options);
+        let mut p = Parity::new();
+        for (fmt, _) in FORMATS {
+            let loras = load_adapters(fmt);
+            for case in lora_manifest()["encode_prompt"].as_array().expect("cases") {
+                let name = case["case"].as_str().expect("case name");
+                // encode_prompt(lora_scale=s) scales every loaded adapter (weight 1) by s.
+                let scale = case["lora_scale"].as_f64().unwrap_or(1.0);
+                let specs: Vec<LoraSpec<'_>> = case["loras"]
+                    .as_array()
+                    .expect("loras")
+                    .iter()
+                    .map(|l| LoraSpec {
+                        lora: &loras[l["name"].as_str().expect("lora name")],
+                        scale,
+                    })
+                    .collect();
+                let applied = base.apply_loras(&specs).unwrap();
+                let e = encode_prompt(&base, &diffusers_prompts(&case["kwargs"]))
+                    .expect("encode_prompt");
+                let ours = HashMap::from(embeds_by_name(&e));
+                let prefix = format!("{name}.");
+                for entry in &entries {
+                    let gname = entry["name"].as_str().expect("golden name");
+                    if let Some(key) = gname.strip_prefix(&prefix) {
+                        let t = ours
+                            .get(key)
+                            .unwrap_or_else(|| panic!("golden `{gname}` is not handled"));
+                        p.check(
+                            &format!("{residency}, {fmt}: {gname}"),
+                            t,
+                            golden(&g, gname),
+                        );
+                    }
                 }
+                base.remove_loras(&applied).unwrap();
             }
-            base.remove_loras(&applied).unwrap();
         }
+        p.finish();
     }
-    p.finish();
 }
 
 /// The first adapter that has a text-encoder part, read in `format`.
@@ -472,152 +496,219 @@ fn edited(lora: &LoraWeights, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -
 
 #[test]
 fn unknown_modules_are_refused_or_skipped() {
-    let mut base = base_model();
-    let original = snapshot(&mut base);
-    let lora = adapter_with_text_encoders("kohya");
-    let bad = edited(&lora, |t| {
-        // A real module's matrix (a scalar `alpha` would be refused for its shape instead).
-        let any = t
-            .iter()
-            .filter(|(k, _)| k.ends_with(".lora_down.weight"))
-            .min_by_key(|(k, _)| k.as_str())
-            .map(|(_, v)| v.clone())
-            .expect("a lora_down weight");
-        t.insert("lora_unet_not_a_layer.lora_down.weight".into(), any.clone());
-        t.insert("lora_unet_not_a_layer.lora_up.weight".into(), any.clone());
-        t.insert("lora_unet_input_blocks_4_1_proj_in.hada_w1_a".into(), any);
-    });
-    let spec = [LoraSpec {
-        lora: &bad,
-        scale: 1.0,
-    }];
-    let err = base.apply_loras(&spec).unwrap_err();
-    println!("error: {err}");
-    let msg = err.to_string();
-    assert!(matches!(err, Error::InvalidCheckpoint { .. }), "{err:?}");
-    assert!(msg.contains("lora_unet_not_a_layer"), "{msg}");
-    assert!(msg.contains("hada_w1_a"), "{msg}");
-    assert_unchanged(&mut base, &original, "after the refused LoRA");
+    for (residency, options) in residencies() {
+        let mut base = load_model(&common::base_dir(), &options);
+        let original = snapshot(&base);
+        let lora = adapter_with_text_encoders("kohya");
+        let bad = edited(&lora, |t| {
+            // A real module's matrix (a scalar `alpha` would be refused for its shape instead).
+            let any = t
+                .iter()
+                .filter(|(k, _)| k.ends_with(".lora_down.weight"))
+                .min_by_key(|(k, _)| k.as_str())
+                .map(|(_, v)| v.clone())
+                .expect("a lora_down weight");
+            t.insert("lora_unet_not_a_layer.lora_down.weight".into(), any.clone());
+            t.insert("lora_unet_not_a_layer.lora_up.weight".into(), any.clone());
+            t.insert("lora_unet_input_blocks_4_1_proj_in.hada_w1_a".into(), any);
+        });
+        let spec = [LoraSpec {
+            lora: &bad,
+            scale: 1.0,
+        }];
+        let err = base.apply_loras(&spec).unwrap_err();
+        println!("error: {err}");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::InvalidCheckpoint { .. }), "{err:?}");
+        assert!(msg.contains("lora_unet_not_a_layer"), "{msg}");
+        assert!(msg.contains("hada_w1_a"), "{msg}");
+        assert_unchanged(
+            &base,
+            &original,
+            &format!("{residency}: after the refused LoRA"),
+        );
 
-    let applied = base
-        .apply_loras_with(&spec, LoraOptions { skip_unknown: true })
-        .unwrap();
-    assert_eq!(applied.skipped().len(), 2, "{:?}", applied.skipped());
-    assert_eq!(applied.num_layers(), lora.modules().len());
-    base.remove_loras(&applied).unwrap();
-    assert_unchanged(&mut base, &original, "after removing the lenient merge");
+        let applied = base
+            .apply_loras_with(&spec, LoraOptions { skip_unknown: true })
+            .unwrap();
+        assert_eq!(applied.skipped().len(), 2, "{:?}", applied.skipped());
+        assert_eq!(applied.num_layers(), lora.modules().len());
+        base.remove_loras(&applied).unwrap();
+        assert_unchanged(
+            &base,
+            &original,
+            &format!("{residency}: after removing the lenient merge"),
+        );
+    }
 }
 
 #[test]
 fn misshapen_lora_fails_without_partial_state() {
-    let mut base = base_model();
-    let original = snapshot(&mut base);
-    for (fmt, _) in FORMATS {
-        let lora = adapter_with_text_encoders(fmt);
-        // Break the module merged last, so that the others have been planned before it.
-        let last = lora.modules().last().expect("modules");
-        let up_key = format!(
-            "{}{}",
-            last.name(),
-            match fmt {
-                "kohya" => ".lora_up.weight",
-                _ => ".lora_B.weight",
-            }
-        );
-        let (out, rank) = last.up().dims2().unwrap();
-        let bad = edited(&lora, |t| {
-            t.insert(
-                up_key.clone(),
-                Tensor::zeros((out + 1, rank), DType::F32, &Device::Cpu).unwrap(),
+    for (residency, options) in residencies() {
+        let mut base = load_model(&common::base_dir(), &options);
+        let original = snapshot(&base);
+        for (fmt, _) in FORMATS {
+            let lora = adapter_with_text_encoders(fmt);
+            // Break the module merged last, so that the others have been planned before it.
+            let last = lora.modules().last().expect("modules");
+            let up_key = format!(
+                "{}{}",
+                last.name(),
+                match fmt {
+                    "kohya" => ".lora_up.weight",
+                    _ => ".lora_B.weight",
+                }
             );
-        });
-        let good = &adapter_with_text_encoders(fmt);
-        let err = base
-            .apply_loras(&[
-                LoraSpec {
-                    lora: good,
-                    scale: 1.0,
-                },
-                LoraSpec {
-                    lora: &bad,
-                    scale: 1.0,
-                },
-            ])
-            .unwrap_err();
-        println!("{fmt}: {err}");
-        match &err {
-            Error::ShapeMismatch { key, found, .. } => {
-                assert_eq!(key, &up_key);
-                assert_eq!(found, &vec![out + 1, rank]);
+            let (out, rank) = last.up().dims2().unwrap();
+            let bad = edited(&lora, |t| {
+                t.insert(
+                    up_key.clone(),
+                    Tensor::zeros((out + 1, rank), DType::F32, &Device::Cpu).unwrap(),
+                );
+            });
+            let good = &adapter_with_text_encoders(fmt);
+            let err = base
+                .apply_loras(&[
+                    LoraSpec {
+                        lora: good,
+                        scale: 1.0,
+                    },
+                    LoraSpec {
+                        lora: &bad,
+                        scale: 1.0,
+                    },
+                ])
+                .unwrap_err();
+            println!("{residency}, {fmt}: {err}");
+            match &err {
+                Error::ShapeMismatch { key, found, .. } => {
+                    assert_eq!(key, &up_key);
+                    assert_eq!(found, &vec![out + 1, rank]);
+                }
+                other => panic!("expected a shape mismatch, got {other:?}"),
             }
-            other => panic!("expected a shape mismatch, got {other:?}"),
+            assert_unchanged(
+                &base,
+                &original,
+                &format!("{residency}, {fmt}: after the misshapen LoRA"),
+            );
         }
-        assert_unchanged(
-            &mut base,
-            &original,
-            &format!("{fmt}: after the misshapen LoRA"),
-        );
     }
 }
 
 #[test]
 fn base_lora_on_the_refiner_is_refused() {
-    let mut refiner = refiner_model();
-    let original = snapshot(&mut refiner);
-    for (fmt, _) in FORMATS {
-        let lora = adapter_with_text_encoders(fmt);
-        let err = refiner
-            .apply_loras(&[LoraSpec {
-                lora: &lora,
-                scale: 1.0,
-            }])
-            .unwrap_err();
-        println!("{fmt}: {err}");
-        assert!(
-            matches!(
-                err,
-                Error::InvalidCheckpoint { .. } | Error::ShapeMismatch { .. }
-            ),
-            "{err:?}"
-        );
-        assert_unchanged(&mut refiner, &original, &format!("{fmt}: refiner"));
+    for (residency, options) in residencies() {
+        let mut refiner = load_model(&common::refiner_dir(), &options);
+        let original = snapshot(&refiner);
+        for (fmt, _) in FORMATS {
+            let lora = adapter_with_text_encoders(fmt);
+            let err = refiner
+                .apply_loras(&[LoraSpec {
+                    lora: &lora,
+                    scale: 1.0,
+                }])
+                .unwrap_err();
+            println!("{residency}, {fmt}: {err}");
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidCheckpoint { .. } | Error::ShapeMismatch { .. }
+                ),
+                "{err:?}"
+            );
+            assert_unchanged(&refiner, &original, &format!("{residency}, {fmt}: refiner"));
+        }
     }
 }
 
 #[test]
 fn loras_are_removed_last_in_first_out() {
-    let mut base = base_model();
-    let original = snapshot(&mut base);
-    let loras = load_adapters("diffusers");
+    for (residency, options) in residencies() {
+        let mut base = load_model(&common::base_dir(), &options);
+        let original = snapshot(&base);
+        let loras = load_adapters("diffusers");
+        let mut names: Vec<&String> = loras.keys().collect();
+        names.sort();
+        assert!(names.len() >= 2, "the manifest has fewer than two adapters");
+        let (first, second) = (&loras[names[0]], &loras[names[1]]);
+        let a = base
+            .apply_loras(&[LoraSpec {
+                lora: first,
+                scale: 0.5,
+            }])
+            .unwrap();
+        let after_a = snapshot(&base);
+        let b = base
+            .apply_loras(&[LoraSpec {
+                lora: second,
+                scale: 0.5,
+            }])
+            .unwrap();
+        let overlap = a.layers().any(|l| b.layers().any(|m| m == l));
+        assert!(
+            overlap,
+            "the adapters share no layer; the order check needs one"
+        );
+        let err = base.remove_loras(&a).unwrap_err();
+        println!("{residency}: out of order: {err}");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        base.remove_loras(&b).unwrap();
+        assert_unchanged(
+            &base,
+            &after_a,
+            &format!("{residency}: after removing the second LoRA"),
+        );
+        base.remove_loras(&a).unwrap();
+        assert_unchanged(
+            &base,
+            &original,
+            &format!("{residency}: after removing both"),
+        );
+    }
+}
+
+#[test]
+fn loras_merge_bit_identically_into_components_loaded_on_demand() {
+    // Components loaded on demand get their LoRAs merged each time they are read: two stacked
+    // LoRAs, then the second removed, must leave every layer weight and the prompt embeddings
+    // exactly as on the resident model.
+    let loras = load_adapters("kohya");
     let mut names: Vec<&String> = loras.keys().collect();
     names.sort();
     assert!(names.len() >= 2, "the manifest has fewer than two adapters");
-    let (first, second) = (&loras[names[0]], &loras[names[1]]);
-    let a = base
-        .apply_loras(&[LoraSpec {
-            lora: first,
-            scale: 0.5,
-        }])
-        .unwrap();
-    let after_a = snapshot(&mut base);
-    let b = base
-        .apply_loras(&[LoraSpec {
-            lora: second,
-            scale: 0.5,
-        }])
-        .unwrap();
-    let overlap = a.layers().any(|l| b.layers().any(|m| m == l));
-    assert!(
-        overlap,
-        "the adapters share no layer; the order check needs one"
-    );
-    let err = base.remove_loras(&a).unwrap_err();
-    println!("out of order: {err}");
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-    base.remove_loras(&b).unwrap();
-    assert_unchanged(&mut base, &after_a, "after removing the second LoRA");
-    base.remove_loras(&a).unwrap();
-    assert_unchanged(&mut base, &original, "after removing both");
+    let spec = |i: usize, scale: f64| {
+        [LoraSpec {
+            lora: &loras[names[i]],
+            scale,
+        }]
+    };
+    let t2i = &lora_manifest()["t2i"][0]["kwargs"];
+    let prompts = diffusers_prompts(t2i);
+    let mut resident = base_model();
+    let first = resident.apply_loras(&spec(0, 0.7)).unwrap();
+    let second = resident.apply_loras(&spec(1, 0.4)).unwrap();
+    let both = snapshot(&resident);
+    let both_embeds = encode_prompt(&resident, &prompts).unwrap();
+    resident.remove_loras(&second).unwrap();
+    let only_first = snapshot(&resident);
+    resident.remove_loras(&first).unwrap();
+    for (residency, options) in residencies() {
+        let mut model = load_model(&common::base_dir(), &options);
+        let first = model.apply_loras(&spec(0, 0.7)).unwrap();
+        let second = model.apply_loras(&spec(1, 0.4)).unwrap();
+        assert_unchanged(&model, &both, &format!("{residency}: both LoRAs"));
+        let embeds = encode_prompt(&model, &prompts).unwrap();
+        for ((key, a), (_, b)) in embeds_by_name(&embeds)
+            .into_iter()
+            .zip(embeds_by_name(&both_embeds))
+        {
+            common::assert_identical(&format!("{residency}: {key}"), a, b);
+        }
+        model.remove_loras(&second).unwrap();
+        assert_unchanged(&model, &only_first, &format!("{residency}: first LoRA"));
+        model.remove_loras(&first).unwrap();
+    }
 }
 
 /// Deterministic test values in [-1, 1).
@@ -651,11 +742,13 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
     // A LoRA on every UNet layer that is not in a transformer (convolutions 3x3 and 1x1,
     // resnets' time_emb_proj, resamplers, time embeddings), in both layouts, with an alpha.
     let mut base = base_model();
-    let original = snapshot(&mut base);
-    let layout = SgmUnetLayout::of(&base.unet);
+    let original = snapshot(&base);
+    let layout = SgmUnetLayout::of(&base.unet().unwrap());
     let (rank, alpha, scale) = (2usize, 3.0f64, 0.6f64);
     let mut targets = Vec::new();
-    base.unet
+    base.unet()
+        .unwrap()
+        .to_mut()
         .visit_layers_mut(&mut |name, layer| {
             if !name.contains(".attentions.") {
                 let dims = layer.weight_dims();
@@ -693,7 +786,7 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
         diffusers.insert(format!("unet.{name}.lora_A.weight"), down.clone());
         diffusers.insert(format!("unet.{name}.lora_B.weight"), up.clone());
         diffusers.insert(format!("unet.{name}.alpha"), a);
-        let w = common::flat_f64(&weight_of(&mut base, LoraComponent::Unet, name));
+        let w = common::flat_f64(&weight_of(&base, LoraComponent::Unet, name));
         let delta = reference_delta(&up, &down);
         let merged: Vec<f32> = w
             .iter()
@@ -716,7 +809,7 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
         assert_eq!(applied.num_layers(), targets.len(), "{fmt}");
         let mut worst = (0f64, String::new());
         for (name, want) in &expected {
-            let ours = weight_of(&mut base, LoraComponent::Unet, name);
+            let ours = weight_of(&base, LoraComponent::Unet, name);
             let d = common::flat_f64(&(ours - want).unwrap().abs().unwrap())
                 .into_iter()
                 .fold(0f64, f64::max);
@@ -729,12 +822,12 @@ fn conv_and_resnet_loras_merge_in_both_formats() {
         assert!(*worst_abs <= 1e-4, "{fmt}: {name} differs by {worst_abs:e}");
         p.check(
             &format!("{fmt}: worst merged layer {name}"),
-            &weight_of(&mut base, LoraComponent::Unet, name),
+            &weight_of(&base, LoraComponent::Unet, name),
             &expected[name],
         );
-        merged_by_format.push(snapshot(&mut base));
+        merged_by_format.push(snapshot(&base));
         base.remove_loras(&applied).unwrap();
-        assert_unchanged(&mut base, &original, &format!("{fmt}: conv LoRA removed"));
+        assert_unchanged(&base, &original, &format!("{fmt}: conv LoRA removed"));
     }
     assert_eq!(
         merged_by_format[0], merged_by_format[1],

@@ -167,7 +167,7 @@ fn base_to_refiner_handoff_matches_diffusers() {
     rec.check(&mut p, &g, "base");
     p.check("base.latents_out", &lat, golden(&g, "base.latents_out"));
     let (_, _, lh, lw) = lat.dims4().unwrap();
-    let scale = base.vae.config().downscale_factor();
+    let scale = base.vae_config().downscale_factor();
     let refiner_params = params_from(&h["refiner_kwargs"], Some((lh * scale, lw * scale)));
     let mut rec = Recorder::default();
     let out = image_to_image(

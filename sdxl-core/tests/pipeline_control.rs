@@ -19,7 +19,7 @@ fn base() -> SdxlModel {
 /// A small generation sized from the model's own VAE.
 fn params(model: &SdxlModel, steps: usize) -> GenerateParams {
     let mut p = GenerateParams::new("a red fox in the snow");
-    let f = model.vae.config().downscale_factor();
+    let f = model.vae_config().downscale_factor();
     p.width = 8 * f;
     p.height = 8 * f;
     p.steps = steps;
@@ -92,7 +92,7 @@ fn previews_have_one_pixel_per_latent() {
     let mut watch = Watch::default();
     text_to_image(&model, &p, None, RunControl::observing(&mut watch)).unwrap();
     assert_eq!(watch.previews.len(), watch.steps.len());
-    let f = model.vae.config().downscale_factor();
+    let f = model.vae_config().downscale_factor();
     assert_eq!(watch.previews[0].width, p.width / f);
 }
 

@@ -13,8 +13,8 @@ use sdxl_core::pipeline::RunControl;
 use candle_core::{DType, Device, Tensor, D};
 use common::replay::{embeds_by_name, encode_prompt_cases, prompt_texts};
 use common::{
-    base_model, flat_f64, golden, goldens, load_model, manifest, max_abs_diff, refiner_model,
-    Parity,
+    assert_identical, base_model, flat_f64, golden, goldens, load_model, manifest, max_abs_diff,
+    refiner_model, Parity,
 };
 use sdxl_core::pipeline::prompt::LongPrompts;
 use sdxl_core::pipeline::{
@@ -28,11 +28,14 @@ use serde_json::Value;
 
 /// The model's tokenizer/encoder pairs in concatenation order.
 fn pairs(model: &SdxlModel) -> Vec<&(ClipTokenizer, ClipTextModel)> {
-    model
-        .text
-        .encoder_1
+    let text = model
+        .text()
+        .unwrap()
+        .resident()
+        .expect("the test models keep their text encoders resident");
+    text.encoder_1
         .iter()
-        .chain(std::iter::once(&model.text.encoder_2))
+        .chain(std::iter::once(&text.encoder_2))
         .collect()
 }
 
@@ -288,13 +291,6 @@ fn plain_prompts_give_the_diffusers_embeddings_by_default() {
         );
     }
     p.finish();
-}
-
-/// Exact equality of two tensors.
-fn assert_identical(what: &str, a: &Tensor, b: &Tensor) {
-    assert_eq!(a.dims(), b.dims(), "{what}: shape");
-    assert!(flat_f64(a) == flat_f64(b), "{what}: values differ");
-    println!("ok   {what}: identical");
 }
 
 /// `z·w` with the mean of `z` restored, per window, computed here in f64.
@@ -555,8 +551,8 @@ fn long_weighted_prompt_generates_end_to_end() {
         [2, k * toks[0].max_length(), ctx],
         "[negative; positive]"
     );
-    let channels = base.unet.config().in_channels;
-    let f = base.vae.config().downscale_factor();
+    let channels = base.unet_config().in_channels;
+    let f = base.vae_config().downscale_factor();
     assert_eq!(
         latents.dims(),
         [1, channels, params.height / f, params.width / f]

@@ -1,8 +1,9 @@
 //! Single-file checkpoints in the original SDXL ("SGM") layout: the fixtures'
 //! `*.sgm.safetensors` (the tiny base and refiner converted by `to_sgm.py`) must load through the
 //! public API and give the same goldens as the diffusers folders: the inferred architecture,
-//! every tensor, the shipped tokenizers, `encode_prompt`, the UNet, the VAE and text-to-image.
-//! Malformed files, pickles and other checkpoints must fail with typed errors.
+//! every tensor, the shipped tokenizers, `encode_prompt`, the UNet, the VAE and text-to-image,
+//! with components resident or read on demand. Malformed files, pickles and other checkpoints
+//! must fail with typed errors.
 //!
 //! The files are discovered by listing the fixture root for `*.sgm.safetensors`; each file's
 //! kind is the one inferred from its tensors (cross-checked with the `sdxl_kind` metadata
@@ -428,7 +429,7 @@ fn unet_matches_diffusers() {
     let mut p = Parity::new();
     for f in fixtures() {
         let model = f.load(&LoadOptions::default());
-        check_unet(&model.unet, f.kind, &f.name(), &mut p);
+        check_unet(&model.unet().unwrap(), f.kind, &f.name(), &mut p);
     }
     p.finish();
 }
@@ -454,14 +455,22 @@ fn vae_matches_diffusers() {
         let decode_cases = case_of(".z");
         assert!(!encode_cases.is_empty() && !decode_cases.is_empty());
         for case in encode_cases {
-            let dist = model.vae.encode(golden(&g, &format!("{case}.x"))).unwrap();
+            let dist = model
+                .vae()
+                .unwrap()
+                .encode(golden(&g, &format!("{case}.x")))
+                .unwrap();
             for (what, t) in [("mean", &dist.mean), ("logvar", &dist.logvar)] {
                 let name = format!("{case}.{what}");
                 p.check(&format!("{} {name}", f.name()), t, golden(&g, &name));
             }
         }
         for case in decode_cases {
-            let out = model.vae.decode(golden(&g, &format!("{case}.z"))).unwrap();
+            let out = model
+                .vae()
+                .unwrap()
+                .decode(golden(&g, &format!("{case}.z")))
+                .unwrap();
             let name = format!("{case}.sample");
             p.check(&format!("{} {name}", f.name()), &out, golden(&g, &name));
         }
@@ -498,6 +507,49 @@ fn text_to_image_matches_diffusers() {
 }
 
 #[test]
+fn single_files_load_on_demand_with_identical_results() {
+    // Components of a single file read on demand compute exactly what resident ones compute.
+    let g = goldens("goldens/pipeline_t2i.safetensors");
+    let t2i = manifest()["t2i"].as_array().expect("t2i cases").clone();
+    for f in fixtures() {
+        let resident = f.load(&LoadOptions::default());
+        for (residency, options) in common::residencies() {
+            let model = f.load(&options);
+            let label = format!("{} {residency}", f.name());
+            for case in encode_prompt_cases().iter().filter(|c| c.kind == f.kind) {
+                let prompts = diffusers_prompts(&case.kwargs);
+                let ours = encode_prompt(&model, &prompts).unwrap();
+                let expected = encode_prompt(&resident, &prompts).unwrap();
+                for ((key, a), (_, b)) in embeds_by_name(&ours)
+                    .into_iter()
+                    .zip(embeds_by_name(&expected))
+                {
+                    common::assert_identical(&format!("{label}: {}.{key}", case.name), a, b);
+                }
+            }
+            if f.kind != ModelKind::Base {
+                continue;
+            }
+            for case in &t2i {
+                let name = case["case"].as_str().expect("case name");
+                let params = t2i_case_params(case);
+                let latents_in = golden(&g, &format!("{name}.latents_in"));
+                let run = |m: &SdxlModel| {
+                    let out = text_to_image(m, &params, Some(latents_in), RunControl::none())
+                        .expect("text_to_image");
+                    decode_latents(m, &out).expect("decode")
+                };
+                common::assert_identical(
+                    &format!("{label}: {name} decoded"),
+                    &run(&model),
+                    &run(&resident),
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn half_precision_single_files_load() {
     // f16 files (as `sd_xl_base_1.0.safetensors` is): a copy of each fixture with every float
     // tensor in f16, loaded as f32 and as f16. Tolerance 1e-2 · max(1, max|golden|): the weights
@@ -531,14 +583,14 @@ fn half_precision_single_files_load() {
                 ..LoadOptions::default()
             };
             let model = copy.load(&options);
-            assert_eq!(model.unet.dtype(), dtype);
+            assert_eq!(model.unet().unwrap().dtype(), dtype);
             assert_eq!(
-                model.vae.dtype(),
+                model.vae().unwrap().dtype(),
                 DType::F32,
                 "force_upcast keeps the VAE in f32"
             );
             check_unet(
-                &model.unet,
+                &model.unet().unwrap(),
                 f.kind,
                 &format!("f16 file as {dtype:?}"),
                 &mut p,

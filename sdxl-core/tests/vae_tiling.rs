@@ -402,23 +402,24 @@ fn pipeline_entry_points_honour_the_tiling_option() {
         vae_tiling: TilingOptions::with_mode(TilingMode::Off),
         ..LoadOptions::default()
     });
-    let scale = off.vae.scaling_factor();
-    let geometry = default_geometry(&on.vae);
+    let (on_vae, off_vae) = (on.vae().unwrap(), off.vae().unwrap());
+    let scale = off_vae.scaling_factor();
+    let geometry = default_geometry(&on_vae);
     let g = common::goldens(FILE);
     let mut parity = Parity::new();
     let mut latents: Vec<Tensor> = cases("decode")
         .iter()
         .map(|case| golden(&g, &format!("{case}.z")).clone())
         .collect();
-    latents.push(large_latent(&on.vae));
+    latents.push(large_latent(&on_vae));
     for z in &latents {
         let scaled = (z * scale).unwrap();
         let (_, _, h, w) = z.dims4().unwrap();
         // Like diffusers, only latents larger than one tile are tiled.
         let expected = if h > geometry.latent || w > geometry.latent {
-            tiling::tiled_decode(&on.vae, z, &geometry).unwrap()
+            tiling::tiled_decode(&on_vae, z, &geometry).unwrap()
         } else {
-            on.vae.decode(z).unwrap()
+            on_vae.decode(z).unwrap()
         };
         let label = format!("{:?}", z.dims());
         parity.check(
@@ -429,13 +430,13 @@ fn pipeline_entry_points_honour_the_tiling_option() {
         parity.check(
             &format!("decode_latents {label}, tiling off"),
             &decode_latents(&off, &scaled).unwrap(),
-            &off.vae.decode(z).unwrap(),
+            &off_vae.decode(z).unwrap(),
         );
     }
-    let x = large_image(&on.vae, golden(&g, &format!("{}.x", cases("encode")[0])));
+    let x = large_image(&on_vae, golden(&g, &format!("{}.x", cases("encode")[0])));
     let seed = 5;
     let ours = encode_latents(&on, &x, &mut TorchRng::new(seed)).unwrap();
-    let dist = tiling::encode(&on.vae, &x, &TilingOptions::with_mode(TilingMode::On)).unwrap();
+    let dist = tiling::encode(&on_vae, &x, &TilingOptions::with_mode(TilingMode::On)).unwrap();
     let eps = TorchRng::new(seed)
         .randn(dist.mean.dims(), DType::F32, &Device::Cpu)
         .unwrap();
@@ -458,12 +459,12 @@ fn f16_loading_keeps_a_force_upcast_vae_in_f32() {
         DType::F16
     };
     assert_eq!(
-        model.vae.dtype(),
+        model.vae().unwrap().dtype(),
         expected,
         "force_upcast = {}",
         cfg.force_upcast
     );
-    assert_eq!(model.unet.dtype(), DType::F16);
+    assert_eq!(model.unet().unwrap().dtype(), DType::F16);
 }
 
 /// A scratch folder removed when dropped.
@@ -522,13 +523,13 @@ fn a_separate_vae_folder_without_force_upcast_runs_in_f16() {
         vae_path: Some(scratch.0.clone()),
         ..LoadOptions::default()
     });
-    assert_eq!(model.vae.dtype(), DType::F16);
-    assert!(!model.vae.force_upcast());
+    assert_eq!(model.vae().unwrap().dtype(), DType::F16);
+    assert!(!model.vae().unwrap().force_upcast());
     let g = common::goldens(FILE);
     let mut parity = Parity::with_tolerance(F16_TOLERANCE);
     for case in cases("decode") {
         let z = golden(&g, &format!("{case}.z"));
-        let scaled = (z * model.vae.scaling_factor()).unwrap();
+        let scaled = (z * model.vae().unwrap().scaling_factor()).unwrap();
         parity.check(
             &format!("f16 VAE {case}.sample"),
             &decode_latents(&model, &scaled).unwrap(),
@@ -561,10 +562,10 @@ fn an_overflowing_f16_vae_gives_an_actionable_error() {
         vae_path: Some(scratch.0.clone()),
         ..LoadOptions::default()
     });
-    assert_eq!(model.vae.dtype(), DType::F16);
+    assert_eq!(model.vae().unwrap().dtype(), DType::F16);
     let g = common::goldens(FILE);
     let z = golden(&g, &format!("{}.z", cases("decode")[0]));
-    let latents = (z * model.vae.scaling_factor()).unwrap();
+    let latents = (z * model.vae().unwrap().scaling_factor()).unwrap();
     let err = decode_images(&model, &latents).unwrap_err();
     let msg = err.to_string();
     println!("{msg}");

@@ -61,8 +61,8 @@ pub(crate) fn latents_shape(
     num_images: u32,
 ) -> FfiResult<[usize; 4]> {
     rgba_len(width, height, num_images)?;
-    let f = model.model.vae.config().downscale_factor().max(1);
-    let c = model.model.unet.config().in_channels;
+    let f = model.model.vae_config().downscale_factor().max(1);
+    let c = model.model.unet_config().in_channels;
     Ok([
         num_images as usize,
         c,

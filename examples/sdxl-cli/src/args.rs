@@ -272,6 +272,12 @@ pub struct SamplingArgs {
     /// VAE tiling: lets large images (e.g. 2048x2048) decode in a few GB of memory.
     #[arg(long, value_enum, default_value = "auto")]
     pub vae_tiling: VaeTiling,
+    /// Keep no component in memory between uses: the text encoders, the UNet and the VAE are
+    /// each read from the checkpoint when needed and dropped after, so the peak memory is about
+    /// the UNet's instead of the whole model's (same images, slower: weights are read again for
+    /// every generation stage).
+    #[arg(long)]
+    pub low_memory: bool,
     /// Output PNG (several images: name-0.png, name-1.png, …).
     #[arg(long, default_value = "sdxl.png")]
     pub out: PathBuf,
@@ -386,6 +392,7 @@ mod tests {
             "vae-fp16-fix",
             "--vae-tiling",
             "on",
+            "--low-memory",
         ]);
         assert!(cli.is_ok(), "{cli:?}");
     }

@@ -116,13 +116,19 @@ fn load_options(
         VaeTiling::On => TilingMode::On,
         VaeTiling::Off => TilingMode::Off,
     };
-    Ok(LoadOptions {
+    let options = LoadOptions {
         device,
         dtype,
         vae_dtype: None,
         variant,
         vae_path,
         vae_tiling: TilingOptions::with_mode(mode),
+        ..LoadOptions::default()
+    };
+    Ok(if s.low_memory {
+        options.low_memory()
+    } else {
+        options
     })
 }
 

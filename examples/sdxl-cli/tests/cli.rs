@@ -142,6 +142,44 @@ fn generate_runs_a_diffusers_folder_and_numbers_several_images() {
 }
 
 #[test]
+fn low_memory_writes_the_same_image() {
+    let dir = scratch("low-memory");
+    let model = model_dir("StableDiffusionXLPipeline");
+    let refiner = model_dir("StableDiffusionXLImg2ImgPipeline");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--prompt",
+            "a fox",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = sdxl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    assert_eq!(
+        run("resident.png", &[]),
+        run("low.png", &["--low-memory"]),
+        "--low-memory changed the image"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn base_with_refiner_and_img2img_run() {
     let dir = scratch("refiner");
     let out = dir.join("refined.png");

@@ -4,8 +4,14 @@
 //! model, with matching shapes), and a failure while merging puts the weights already changed
 //! back, so an error never leaves a half-merged model. The original layers (sharing their weights' storage) are kept in
 //! the returned [`AppliedLoras`], so [`SdxlModel::remove_loras`] restores them bit for bit.
+//!
+//! Components loaded on demand ([`Residency::OnDemand`](crate::pipeline::Residency)) have no
+//! weights to edit between uses: their updates are recorded and merged, in
+//! the order they were applied and with the same arithmetic, each time the component is read,
+//! so they compute exactly what the resident component would.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Tensor, TensorId};
 
@@ -13,7 +19,8 @@ use super::file::{LoraComponent, LoraFormat, LoraModule, LoraWeights};
 use super::kohya::{kohya_module_name, SgmUnetLayout};
 use crate::error::{Error, Result};
 use crate::layers::{LayerMut, LayerVisitor, SavedLayer};
-use crate::pipeline::SdxlModel;
+use crate::pipeline::{SdxlModel, TextStack};
+use crate::unet::UNet2DConditionModel;
 
 /// Unknown modules listed by name in an error; the rest are counted.
 const LISTED_UNKNOWN: usize = 20;
@@ -42,13 +49,28 @@ pub struct LoraOptions {
     pub skip_unknown: bool,
 }
 
-/// A layer changed by a merge: the layer as it was and the identity of the merged weight.
+/// Identifies one [`SdxlModel::apply_loras`] call among the updates recorded for a layer that
+/// is loaded on demand.
+static NEXT_SET: AtomicU64 = AtomicU64::new(0);
+
+/// How a merged layer is taken back.
+#[derive(Debug, Clone)]
+enum Undo {
+    /// A resident layer: its weight before the merge, and the identity of the merged weight.
+    Restore {
+        original: SavedLayer,
+        merged: TensorId,
+    },
+    /// A layer loaded on demand: the updates recorded under this set.
+    Forget { set: u64 },
+}
+
+/// A layer changed by a merge.
 #[derive(Debug, Clone)]
 struct MergedLayer {
     component: LoraComponent,
     module: String,
-    original: SavedLayer,
-    merged: TensorId,
+    undo: Undo,
 }
 
 /// What [`SdxlModel::apply_loras`] changed: the original weight of every merged layer, so that
@@ -78,21 +100,17 @@ impl AppliedLoras {
     }
 }
 
-/// Calls `f` on every layer of one component: all linear and convolution layers of the UNet,
-/// the linear layers of a text encoder. Returns `false` when the model lacks the component
-/// (the refiner has no `text_encoder`).
-fn visit_component(
-    model: &mut SdxlModel,
+/// Calls `f` on the linear layers of one text encoder of `text`. Returns `false` when there is
+/// no such encoder (the refiner has no `text_encoder`) or `component` is the UNet.
+fn visit_text(
+    text: &mut TextStack,
     component: LoraComponent,
     f: &mut LayerVisitor<'_>,
 ) -> Result<bool> {
     let encoder = match component {
-        LoraComponent::Unet => {
-            model.unet.visit_layers_mut(f)?;
-            return Ok(true);
-        }
-        LoraComponent::TextEncoder => model.text.encoder_1.as_mut().map(|(_, e)| e),
-        LoraComponent::TextEncoder2 => Some(&mut model.text.encoder_2.1),
+        LoraComponent::Unet => None,
+        LoraComponent::TextEncoder => text.encoder_1.as_mut().map(|(_, e)| e),
+        LoraComponent::TextEncoder2 => Some(&mut text.encoder_2.1),
     };
     match encoder {
         Some(e) => {
@@ -100,6 +118,26 @@ fn visit_component(
             Ok(true)
         }
         None => Ok(false),
+    }
+}
+
+/// Calls `f` on every layer of one resident component: all linear and convolution layers of
+/// the UNet, the linear layers of a text encoder. Components loaded on demand, and those the
+/// model lacks, are skipped.
+fn visit_resident(
+    model: &mut SdxlModel,
+    component: LoraComponent,
+    f: &mut LayerVisitor<'_>,
+) -> Result<()> {
+    match component {
+        LoraComponent::Unet => match model.resident_unet_mut() {
+            Some(unet) => unet.visit_layers_mut(f),
+            None => Ok(()),
+        },
+        _ => match model.resident_text_mut() {
+            Some(text) => visit_text(text, component, f).map(drop),
+            None => Ok(()),
+        },
     }
 }
 
@@ -111,29 +149,62 @@ struct LayerIndex {
 }
 
 impl LayerIndex {
-    fn build(model: &mut SdxlModel) -> Result<Self> {
-        let layout = SgmUnetLayout::of(&model.unet);
-        let mut shapes = HashMap::new();
-        let mut kohya = HashMap::new();
-        for component in LoraComponent::ALL {
-            visit_component(model, component, &mut |name, layer| {
-                let id = (component, name.to_string());
-                // kohya UNet names are SGM names; names derived from diffusers paths (as SD 1.x
-                // kohya files and some converters write them) are accepted too.
-                let mut names = vec![format!(
-                    "{}{}",
-                    component.kohya_prefix(),
-                    name.replace('.', "_")
-                )];
-                names.extend(kohya_module_name(component, name, &layout));
-                for n in names {
-                    kohya.insert(n, id.clone());
-                }
-                shapes.insert(id, layer.weight_dims());
-                Ok(())
-            })?;
+    /// Indexes the layers of `components`. A component loaded on demand is read for this (one
+    /// at a time) and dropped again.
+    fn build(model: &SdxlModel, components: &BTreeSet<LoraComponent>) -> Result<Self> {
+        let mut index = Self {
+            shapes: HashMap::new(),
+            kohya: HashMap::new(),
+        };
+        if components.contains(&LoraComponent::Unet) {
+            let mut unet = model.unmerged_unet()?;
+            let layout = SgmUnetLayout::of(&unet);
+            unet.to_mut()
+                .visit_layers_mut(&mut index.recorder(LoraComponent::Unet, Some(&layout)))?;
         }
-        Ok(Self { shapes, kohya })
+        let text_components: Vec<LoraComponent> = components
+            .iter()
+            .copied()
+            .filter(|&c| c != LoraComponent::Unet)
+            .collect();
+        if !text_components.is_empty() {
+            let mut text = model.unmerged_text()?;
+            for component in text_components {
+                visit_text(
+                    text.to_mut(),
+                    component,
+                    &mut index.recorder(component, None),
+                )?;
+            }
+        }
+        Ok(index)
+    }
+
+    /// A visitor adding the layers of `component` to the index; `unet_layout` names the UNet's
+    /// layers in the SGM layout.
+    fn recorder<'a>(
+        &'a mut self,
+        component: LoraComponent,
+        unet_layout: Option<&'a SgmUnetLayout>,
+    ) -> impl FnMut(&str, LayerMut<'_>) -> Result<()> + 'a {
+        move |name, layer| {
+            let id = (component, name.to_string());
+            // kohya UNet names are SGM names; names derived from diffusers paths (as SD 1.x
+            // kohya files and some converters write them) are accepted too.
+            let mut names = vec![format!(
+                "{}{}",
+                component.kohya_prefix(),
+                name.replace('.', "_")
+            )];
+            if let Some(layout) = unet_layout {
+                names.extend(kohya_module_name(component, name, layout));
+            }
+            for n in names {
+                self.kohya.insert(n, id.clone());
+            }
+            self.shapes.insert(id, layer.weight_dims());
+            Ok(())
+        }
     }
 
     /// The layer a module targets, when the model has it.
@@ -155,13 +226,18 @@ impl LayerIndex {
     }
 }
 
-/// One module's share of a layer's update.
-struct Contribution<'a> {
-    module: &'a LoraModule,
+/// One module's share of a layer's update: `multiplier · up @ down`.
+#[derive(Debug, Clone)]
+struct Contribution {
+    up: Tensor,
+    down: Tensor,
     multiplier: f64,
 }
 
-type Plan<'a> = BTreeMap<(LoraComponent, String), Vec<Contribution<'a>>>;
+/// A layer by component and module path.
+type LayerKey = (LoraComponent, String);
+
+type Plan = BTreeMap<LayerKey, Vec<Contribution>>;
 
 /// `dims` without trailing 1s (so `[in, 1, 1]` and `[in]` compare equal).
 fn trim_ones(dims: &[usize]) -> &[usize] {
@@ -201,12 +277,12 @@ fn check_shapes(module: &LoraModule, weight: &[usize]) -> Result<()> {
 }
 
 /// Resolves and checks every module of every LoRA; collects what matches nothing.
-fn plan<'a>(
+fn plan(
     index: &LayerIndex,
-    loras: &[LoraSpec<'a>],
+    loras: &[LoraSpec<'_>],
     options: LoraOptions,
-) -> Result<(Plan<'a>, Vec<String>)> {
-    let mut plan: Plan<'a> = BTreeMap::new();
+) -> Result<(Plan, Vec<String>)> {
+    let mut plan: Plan = BTreeMap::new();
     let mut skipped = Vec::new();
     for spec in loras {
         let lora = spec.lora;
@@ -242,7 +318,8 @@ fn plan<'a>(
             let shape = index.shapes.get(&target).map_or(&[][..], Vec::as_slice);
             check_shapes(module, shape)?;
             plan.entry(target).or_default().push(Contribution {
-                module,
+                up: module.up().clone(),
+                down: module.down().clone(),
                 multiplier: module.scaling() * spec.scale,
             });
         }
@@ -275,21 +352,18 @@ fn plan<'a>(
 
 /// `weight + Σ multiplier · up @ down`, computed in f32 on the weight's device and returned in
 /// the weight's dtype.
-fn merged_weight(weight: &Tensor, contributions: &[Contribution<'_>]) -> Result<Tensor> {
+fn merged_weight(weight: &Tensor, contributions: &[Contribution]) -> Result<Tensor> {
     let device = weight.device();
     let out = weight.dim(0)?;
     let mut merged = weight.to_dtype(DType::F32)?;
     for c in contributions {
-        let rank = c.module.rank();
-        let up = c
-            .module
-            .up()
-            .to_device(device)?
-            .to_dtype(DType::F32)?
-            .reshape((out, rank))?;
+        let rank = c.down.dim(0)?;
+        let up =
+            c.up.to_device(device)?
+                .to_dtype(DType::F32)?
+                .reshape((out, rank))?;
         let down = c
-            .module
-            .down()
+            .down
             .to_device(device)?
             .to_dtype(DType::F32)?
             .reshape((rank, ()))?;
@@ -299,14 +373,21 @@ fn merged_weight(weight: &Tensor, contributions: &[Contribution<'_>]) -> Result<
     Ok(merged.to_dtype(weight.dtype())?)
 }
 
-/// Puts the original weights of `layers` back, without checking what is there now.
+/// Takes `layers` back without checking what they hold now: resident layers get their original
+/// weights, the updates recorded for on-demand layers are dropped.
 fn restore(model: &mut SdxlModel, layers: &[MergedLayer]) -> Result<()> {
-    let mut originals: HashMap<(LoraComponent, String), &SavedLayer> = layers
-        .iter()
-        .map(|l| ((l.component, l.module.clone()), &l.original))
-        .collect();
+    let mut originals: HashMap<LayerKey, &SavedLayer> = HashMap::new();
+    for l in layers {
+        let key = (l.component, l.module.clone());
+        match &l.undo {
+            Undo::Restore { original, .. } => {
+                originals.insert(key, original);
+            }
+            Undo::Forget { .. } => model.loras.forget(&key),
+        }
+    }
     for component in LoraComponent::ALL {
-        visit_component(model, component, &mut |name, mut layer| match originals
+        visit_resident(model, component, &mut |name, mut layer| match originals
             .remove(&(component, name.to_string()))
         {
             Some(original) => layer.restore(name, original.clone()),
@@ -316,12 +397,13 @@ fn restore(model: &mut SdxlModel, layers: &[MergedLayer]) -> Result<()> {
     Ok(())
 }
 
-/// Merges the planned updates; on failure, restores what was merged and returns the error.
-fn merge(model: &mut SdxlModel, plan: &Plan<'_>) -> Result<Vec<MergedLayer>> {
+/// Merges the planned updates into the resident layers and records those of the on-demand
+/// ones under `set`; on failure, restores what was merged and returns the error.
+fn merge(model: &mut SdxlModel, plan: Plan, set: u64) -> Result<Vec<MergedLayer>> {
     let mut merged = Vec::with_capacity(plan.len());
     let mut result = Ok(());
     for component in LoraComponent::ALL {
-        result = visit_component(model, component, &mut |name, mut layer| {
+        result = visit_resident(model, component, &mut |name, mut layer| {
             let Some(contributions) = plan.get(&(component, name.to_string())) else {
                 return Ok(());
             };
@@ -333,22 +415,107 @@ fn merge(model: &mut SdxlModel, plan: &Plan<'_>) -> Result<Vec<MergedLayer>> {
             merged.push(MergedLayer {
                 component,
                 module: name.to_string(),
-                original,
-                merged: id,
+                undo: Undo::Restore {
+                    original,
+                    merged: id,
+                },
             });
             Ok(())
-        })
-        .map(|_| ());
+        });
         if result.is_err() {
             break;
         }
     }
-    match result {
-        Ok(()) => Ok(merged),
-        Err(e) => {
-            restore(model, &merged)?;
-            Err(e)
+    if let Err(e) = result {
+        restore(model, &merged)?;
+        return Err(e);
+    }
+    for ((component, module), contributions) in plan {
+        if model.is_resident(component) {
+            continue;
         }
+        model
+            .loras
+            .record((component, module.clone()), set, contributions);
+        merged.push(MergedLayer {
+            component,
+            module,
+            undo: Undo::Forget { set },
+        });
+    }
+    Ok(merged)
+}
+
+/// The LoRA updates of the layers that are loaded on demand, merged into them each time they
+/// are read. Per layer, the `apply_loras` sets in the order they were applied.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PendingLoras {
+    layers: HashMap<LayerKey, Vec<(u64, Vec<Contribution>)>>,
+}
+
+impl PendingLoras {
+    fn record(&mut self, key: LayerKey, set: u64, contributions: Vec<Contribution>) {
+        self.layers
+            .entry(key)
+            .or_default()
+            .push((set, contributions));
+    }
+
+    /// The set recorded last for a layer.
+    fn last_set(&self, key: &LayerKey) -> Option<u64> {
+        self.layers.get(key)?.last().map(|(set, _)| *set)
+    }
+
+    /// Drops the set recorded last for a layer.
+    fn forget(&mut self, key: &LayerKey) {
+        if let Some(sets) = self.layers.get_mut(key) {
+            sets.pop();
+            if sets.is_empty() {
+                self.layers.remove(key);
+            }
+        }
+    }
+
+    /// A visitor merging the recorded updates of `component` into the layers it is given, set
+    /// after set, as [`merge`] merged them into resident layers.
+    fn merger(
+        &self,
+        component: LoraComponent,
+    ) -> impl FnMut(&str, LayerMut<'_>) -> Result<()> + '_ {
+        move |name, mut layer| {
+            for (_, contributions) in self
+                .layers
+                .get(&(component, name.to_string()))
+                .into_iter()
+                .flatten()
+            {
+                let new = merged_weight(&layer.weight()?, contributions)?;
+                layer.set_weight(name, new)?;
+            }
+            Ok(())
+        }
+    }
+
+    fn has(&self, component: LoraComponent) -> bool {
+        self.layers.keys().any(|(c, _)| *c == component)
+    }
+
+    /// Merges the recorded UNet updates into a UNet just read.
+    pub(crate) fn merge_into_unet(&self, unet: &mut UNet2DConditionModel) -> Result<()> {
+        if self.has(LoraComponent::Unet) {
+            unet.visit_layers_mut(&mut self.merger(LoraComponent::Unet))?;
+        }
+        Ok(())
+    }
+
+    /// Merges the recorded text-encoder updates into text encoders just read.
+    pub(crate) fn merge_into_text(&self, text: &mut TextStack) -> Result<()> {
+        for component in [LoraComponent::TextEncoder, LoraComponent::TextEncoder2] {
+            if self.has(component) {
+                visit_text(text, component, &mut self.merger(component))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -362,6 +529,11 @@ impl SdxlModel {
     /// `[out, r, 1, 1]`) are covered; see [`crate::lora`] for the file layouts.
     ///
     /// To switch LoRAs without reloading, remove the applied ones and apply others.
+    ///
+    /// Components loaded on demand ([`Residency::OnDemand`](crate::pipeline::Residency)) get
+    /// the same updates merged each time they are read, so they compute exactly what resident
+    /// ones do. To check the LoRAs against their layers, such a component is read once here,
+    /// one at a time, if a LoRA targets it.
     ///
     /// # Errors
     /// Nothing is changed when any of these fails: [`Error::InvalidCheckpoint`] listing the
@@ -383,28 +555,43 @@ impl SdxlModel {
         loras: &[LoraSpec<'_>],
         options: LoraOptions,
     ) -> Result<AppliedLoras> {
-        let index = LayerIndex::build(self)?;
+        let components = loras
+            .iter()
+            .flat_map(|spec| spec.lora.modules())
+            .map(LoraModule::component)
+            .collect();
+        let index = LayerIndex::build(self, &components)?;
         let (plan, skipped) = plan(&index, loras, options)?;
-        let layers = merge(self, &plan)?;
+        let set = NEXT_SET.fetch_add(1, Ordering::Relaxed);
+        let layers = merge(self, plan, set)?;
         Ok(AppliedLoras { layers, skipped })
     }
 
     /// Takes merged LoRAs out again: restores the original weights kept in `applied`, bit for
-    /// bit.
+    /// bit (components loaded on demand stop merging them).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`], with nothing changed, when a layer of `applied` no longer holds
     /// the weight that merge produced: LoRAs applied later must be removed first, and `applied`
     /// must come from this model and not have been removed already.
     pub fn remove_loras(&mut self, applied: &AppliedLoras) -> Result<()> {
-        let mut expected: HashMap<(LoraComponent, String), TensorId> = applied
-            .layers
-            .iter()
-            .map(|l| ((l.component, l.module.clone()), l.merged))
-            .collect();
+        let mut expected: HashMap<LayerKey, TensorId> = HashMap::new();
         let mut changed = HashSet::new();
+        for l in &applied.layers {
+            let key = (l.component, l.module.clone());
+            match l.undo {
+                Undo::Restore { merged, .. } => {
+                    expected.insert(key, merged);
+                }
+                Undo::Forget { set } => {
+                    if self.loras.last_set(&key) != Some(set) {
+                        changed.insert(format!("{}.{}", l.component, l.module));
+                    }
+                }
+            }
+        }
         for component in LoraComponent::ALL {
-            visit_component(self, component, &mut |name, layer| {
+            visit_resident(self, component, &mut |name, layer| {
                 if let Some(id) = expected.remove(&(component, name.to_string())) {
                     if layer.weight_id() != id {
                         changed.insert(format!("{component}.{name}"));

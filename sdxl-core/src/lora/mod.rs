@@ -58,4 +58,5 @@ mod metadata;
 
 pub use file::{LoraComponent, LoraFormat, LoraModule, LoraWeights};
 pub use kohya::{kohya_module_name, SgmUnetLayout};
+pub(crate) use merge::PendingLoras;
 pub use merge::{AppliedLoras, LoraOptions, LoraSpec};

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::rng::TorchRng;
 use crate::schedulers::{NoiseSource, Scheduler};
 use crate::unet::UNetConditioning;
-use crate::vae::tiling;
+use crate::vae::{tiling, AutoencoderKL, TilingOptions};
 
 /// How a run is observed and stopped. `Default` observes nothing and is never cancelled.
 pub struct RunControl<'a> {
@@ -55,7 +55,7 @@ fn build_conditioning(
     let pixel_hw = (latent_hw.0 * 8, latent_hw.1 * 8);
     let (pos_ids, neg_ids) = params.micro.resolve(pixel_hw.0, pixel_hw.1).time_ids(
         layout,
-        model.unet.config(),
+        model.unet_config(),
         embeds.pooled_prompt_embeds.dim(1)?,
         &model.options.device,
     )?;
@@ -131,7 +131,7 @@ fn apply_denoising_end(model: &SdxlModel, params: &GenerateParams, ts: Vec<f64>)
 
 fn check_latent_size(model: &SdxlModel, params: &GenerateParams) -> Result<(usize, usize)> {
     params.validate()?;
-    let f = model.vae.config().downscale_factor();
+    let f = model.vae_config().downscale_factor();
     if !params.width.is_multiple_of(f) || !params.height.is_multiple_of(f) {
         return Err(Error::invalid(format!(
             "width and height must be multiples of {f} for this VAE, got {}x{}",
@@ -179,7 +179,7 @@ pub fn text_to_image(
         guidance,
         TimeIdsLayout::Text2Image,
     )?;
-    let channels = model.unet.config().in_channels;
+    let channels = model.unet_config().in_channels;
     let shape = [params.num_images, channels, latent_hw.0, latent_hw.1];
     let device = &model.options.device;
     let noise = match latents {
@@ -196,7 +196,7 @@ pub fn text_to_image(
     };
     let latents = (noise * scheduler.init_noise_sigma())?;
     denoise(
-        &model.unet,
+        &*model.unet()?,
         scheduler.as_mut(),
         latents,
         &timesteps,
@@ -308,7 +308,7 @@ pub fn image_to_image(
         "img2img"
     };
     denoise(
-        &model.unet,
+        &*model.unet()?,
         scheduler.as_mut(),
         latents,
         &timesteps,
@@ -334,8 +334,8 @@ pub fn encode_latents(
     x: &Tensor,
     noise: &mut dyn NoiseSource,
 ) -> Result<Tensor> {
-    let vae = &model.vae;
-    let dist = tiling::encode(vae, &x.to_dtype(vae.dtype())?, &model.options.vae_tiling)?;
+    let vae = model.vae()?;
+    let dist = tiling::encode(&vae, &x.to_dtype(vae.dtype())?, &model.options.vae_tiling)?;
     let eps = noise.randn(dist.mean.dims(), DType::F32, &model.options.device)?;
     let z = dist
         .sample(&eps.to_dtype(vae.dtype())?)?
@@ -351,14 +351,15 @@ pub fn encode_latents(
 /// [`Error::InvalidArgument`] for a pass refused by the tiling limits (an enormous latent with
 /// tiling off); tensor or model failures.
 pub fn decode_latents(model: &SdxlModel, latents: &Tensor) -> Result<Tensor> {
-    let vae = &model.vae;
+    decode_with(&*model.vae()?, &model.options.vae_tiling, latents)
+}
+
+/// [`decode_latents`] with a VAE at hand.
+fn decode_with(vae: &AutoencoderKL, tiling: &TilingOptions, latents: &Tensor) -> Result<Tensor> {
     // Refuse an oversized pass before the scaled copy of the latents is made.
-    tiling::decode_strategy(vae, latents, &model.options.vae_tiling)?;
+    tiling::decode_strategy(vae, latents, tiling)?;
     let z = (latents.to_dtype(DType::F32)? / vae.scaling_factor())?;
-    Ok(
-        tiling::decode(vae, &z.to_dtype(vae.dtype())?, &model.options.vae_tiling)?
-            .to_dtype(DType::F32)?,
-    )
+    Ok(tiling::decode(vae, &z.to_dtype(vae.dtype())?, tiling)?.to_dtype(DType::F32)?)
 }
 
 /// Whether every value of `t` is finite (`0 · x` is NaN exactly where `x` is NaN or infinite).
@@ -401,11 +402,12 @@ pub fn decode_images(model: &SdxlModel, latents: &Tensor) -> Result<Vec<RgbImage
             hint: format!(": the latents hold NaN or infinity before decoding{advice}"),
         });
     }
-    let decoded = decode_latents(model, latents)?;
+    let vae = model.vae()?;
+    let decoded = decode_with(&vae, &model.options.vae_tiling, latents)?;
     if !all_finite(&decoded)? {
         return Err(Error::NonFinite {
             what: "VAE decode".into(),
-            hint: vae_overflow_hint(model.vae.dtype()),
+            hint: vae_overflow_hint(vae.dtype()),
         });
     }
     RgbImage::from_decoded(&decoded)

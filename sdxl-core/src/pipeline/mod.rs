@@ -27,6 +27,6 @@ pub use generate::{
     text_to_image, RunControl,
 };
 pub use image::{latent_preview, RgbImage};
-pub use model::{LoadOptions, ModelKind, SdxlModel, TextStack};
+pub use model::{LoadOptions, Loaded, ModelKind, Residency, SdxlModel, TextStack};
 pub use params::{GenerateParams, InitImage, MicroParams, SchedulerChoice};
 pub use prompt::{encode_prompt, LongPrompts, PromptEmbeds, Prompts};

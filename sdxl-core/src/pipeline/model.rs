@@ -1,13 +1,17 @@
 //! A whole SDXL model (base or refiner) loaded from a diffusers folder or a single-file
-//! checkpoint.
+//! checkpoint, each component kept in memory or read from its checkpoint when it is used.
 
+use std::borrow::Cow;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
+use crate::loading::memory::release_free_memory;
 use crate::loading::single_file::{self, defaults, SingleFile, SingleFileHints};
 use crate::loading::{component_weight_files, read_json, ModelIndex, Weights};
+use crate::lora::{LoraComponent, PendingLoras};
 use crate::schedulers::SchedulerConfig;
 use crate::text::clip::{ClipTextConfig, ClipTextModel};
 use crate::text::tokenizer::ClipTokenizer;
@@ -33,6 +37,15 @@ pub struct LoadOptions {
     pub vae_path: Option<PathBuf>,
     /// How the VAE tiles large images (default: [`TilingMode::Auto`](crate::vae::TilingMode)).
     pub vae_tiling: TilingOptions,
+    /// When the text encoders are in memory (default [`Residency::Resident`]). On demand they
+    /// are read when prompts are encoded and dropped before denoising.
+    pub text_encoders: Residency,
+    /// When the UNet is in memory (default [`Residency::Resident`]). On demand it is read when
+    /// a denoising loop starts and dropped when the loop ends.
+    pub unet: Residency,
+    /// When the VAE is in memory (default [`Residency::Resident`]). On demand it is read for
+    /// each encode or decode.
+    pub vae: Residency,
 }
 
 impl Default for LoadOptions {
@@ -44,8 +57,44 @@ impl Default for LoadOptions {
             variant: None,
             vae_path: None,
             vae_tiling: TilingOptions::default(),
+            text_encoders: Residency::Resident,
+            unet: Residency::Resident,
+            vae: Residency::Resident,
         }
     }
+}
+
+impl LoadOptions {
+    /// These options with every component [`Residency::OnDemand`]: a generation holds one
+    /// component at a time (the text encoders, then the UNet, then the VAE), so its peak memory
+    /// is the UNet's weights and activations rather than the whole model's. Each generation
+    /// reads the weights again (from the page cache when memory allows).
+    #[must_use]
+    pub fn low_memory(self) -> Self {
+        Self {
+            text_encoders: Residency::OnDemand,
+            unet: Residency::OnDemand,
+            vae: Residency::OnDemand,
+            ..self
+        }
+    }
+}
+
+/// When a component's weights are in memory.
+///
+/// Results do not depend on it: a component read on demand computes exactly what the resident
+/// one does, bit for bit, with the same LoRAs merged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Residency {
+    /// Read when the model loads and kept until it is dropped: fastest when generating several
+    /// times, but every resident component is in memory all the time.
+    #[default]
+    Resident,
+    /// Read from the memory-mapped checkpoint each time the component is used and dropped right
+    /// after, so it holds no memory between uses. [`SdxlModel::load`] still reads it once, so
+    /// that a broken checkpoint fails at load; each use then costs a read of its weights (and a
+    /// merge of the model's LoRAs into them).
+    OnDemand,
 }
 
 /// Whether a model is the SDXL base (text-to-image) or the refiner.
@@ -58,6 +107,7 @@ pub enum ModelKind {
 }
 
 /// The text side of a model: tokenizer and encoder pairs.
+#[derive(Debug, Clone)]
 pub struct TextStack {
     /// CLIP ViT-L tokenizer and encoder (absent in the refiner).
     pub encoder_1: Option<(ClipTokenizer, ClipTextModel)>,
@@ -66,6 +116,11 @@ pub struct TextStack {
 }
 
 /// Every component of an SDXL base or refiner.
+///
+/// The text encoders, the UNet and the VAE are reached through [`text`](Self::text),
+/// [`unet`](Self::unet) and [`vae`](Self::vae) as a [`Loaded`]: borrowed when they are
+/// resident, read from the checkpoint for the caller when they are loaded on demand (see
+/// [`Residency`]).
 pub struct SdxlModel {
     /// Where it was loaded from.
     pub path: PathBuf,
@@ -74,15 +129,100 @@ pub struct SdxlModel {
     /// The pipeline flags of `model_index.json`.
     pub index: ModelIndex,
     /// Tokenizers and text encoders.
-    pub text: TextStack,
+    text: Held<TextStack, TextSources>,
     /// The denoiser.
-    pub unet: UNet2DConditionModel,
+    unet: Held<UNet2DConditionModel, (Weights, UNetConfig)>,
     /// The autoencoder.
-    pub vae: AutoencoderKL,
+    vae: Held<AutoencoderKL, (Weights, VaeConfig)>,
+    /// The LoRAs merged into the components that are loaded on demand.
+    pub(crate) loras: PendingLoras,
     /// The model's own scheduler config.
     pub scheduler_config: SchedulerConfig,
-    /// The options it was loaded with.
+    /// The options it was loaded with. Changing `device`, `dtype` or the residencies after
+    /// loading changes nothing; `vae_tiling` is read at every encode and decode.
     pub options: LoadOptions,
+}
+
+/// A component in memory, or what it is built from at each use.
+enum Held<T, S> {
+    Resident(T),
+    OnDemand(S),
+}
+
+impl<T: Clone, S> Held<T, S> {
+    /// `source` built now when `residency` keeps it, kept as it is otherwise.
+    fn new(residency: Residency, source: S, build: impl FnOnce(&S) -> Result<T>) -> Result<Self> {
+        Ok(match residency {
+            Residency::Resident => Self::Resident(build(&source)?),
+            Residency::OnDemand => Self::OnDemand(source),
+        })
+    }
+
+    /// The resident component, or one built from the source now.
+    fn get(&self, build: impl FnOnce(&S) -> Result<T>) -> Result<Loaded<'_, T>> {
+        Ok(match self {
+            Self::Resident(t) => Loaded {
+                value: Cow::Borrowed(t),
+                _release: None,
+            },
+            Self::OnDemand(source) => Loaded {
+                value: Cow::Owned(build(source)?),
+                _release: Some(ReleaseOnDrop),
+            },
+        })
+    }
+}
+
+/// A component of an [`SdxlModel`] for one use: borrowed from the model when it is resident,
+/// or read from the checkpoint for this use when it is loaded on demand. Dropping a component
+/// read on demand frees its weights and hands the freed memory back to the system (the
+/// allocator would otherwise keep it for the process).
+pub struct Loaded<'a, T: Clone> {
+    // Fields drop in order: the weights, then the release of their memory.
+    value: Cow<'a, T>,
+    _release: Option<ReleaseOnDrop>,
+}
+
+/// Returns the memory freed so far to the system when dropped.
+struct ReleaseOnDrop;
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        release_free_memory();
+    }
+}
+
+impl<'a, T: Clone> Loaded<'a, T> {
+    /// The model's own component when it is resident; `None` when it was read for this use.
+    pub fn resident(&self) -> Option<&'a T> {
+        match self.value {
+            Cow::Borrowed(t) => Some(t),
+            Cow::Owned(_) => None,
+        }
+    }
+
+    /// The component to edit: a copy of a resident one (its tensors are shared until they are
+    /// replaced), or the one read for this use.
+    pub fn to_mut(&mut self) -> &mut T {
+        self.value.to_mut()
+    }
+}
+
+impl<T: Clone> Deref for Loaded<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: Clone + std::fmt::Debug> std::fmt::Debug for Loaded<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("resident", &self.resident().is_some())
+            .field("component", &*self.value)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for SdxlModel {
@@ -144,12 +284,14 @@ impl SdxlModel {
             })
         };
         let components = Components {
-            text_encoder: if index.has_text_encoder() {
-                Some(text_encoder("text_encoder", "tokenizer")?)
-            } else {
-                None
+            text: TextSources {
+                encoder_1: if index.has_text_encoder() {
+                    Some(text_encoder("text_encoder", "tokenizer")?)
+                } else {
+                    None
+                },
+                encoder_2: text_encoder("text_encoder_2", "tokenizer_2")?,
             },
-            text_encoder_2: text_encoder("text_encoder_2", "tokenizer_2")?,
             unet: {
                 let config = UNetConfig::load(&path.join("unet"))?;
                 (folder("unet", DIFFUSERS_STEM)?, config)
@@ -183,18 +325,20 @@ impl SdxlModel {
         let arch = file.architecture().clone();
         let w = file.weights(options.dtype, &options.device);
         let components = Components {
-            text_encoder: match arch.text_encoder {
-                Some(config) => Some(TextComponent {
-                    tokenizer: defaults::tokenizer()?,
-                    weights: w.pp(single_file::TEXT_ENCODER),
-                    config,
-                }),
-                None => None,
-            },
-            text_encoder_2: TextComponent {
-                tokenizer: defaults::tokenizer_2()?,
-                weights: w.pp(single_file::TEXT_ENCODER_2),
-                config: arch.text_encoder_2,
+            text: TextSources {
+                encoder_1: match arch.text_encoder {
+                    Some(config) => Some(TextComponent {
+                        tokenizer: defaults::tokenizer()?,
+                        weights: w.pp(single_file::TEXT_ENCODER),
+                        config,
+                    }),
+                    None => None,
+                },
+                encoder_2: TextComponent {
+                    tokenizer: defaults::tokenizer_2()?,
+                    weights: w.pp(single_file::TEXT_ENCODER_2),
+                    config: arch.text_encoder_2,
+                },
             },
             unet: (w.pp(single_file::UNET), arch.unet),
             vae: (w.pp(single_file::VAE), arch.vae),
@@ -205,6 +349,10 @@ impl SdxlModel {
     }
 
     /// Builds every model from its weights and config, whatever layout they came from.
+    ///
+    /// Components loaded on demand are built once here, one at a time and before the resident
+    /// ones, so that a broken checkpoint fails at load without two components ever sharing
+    /// memory.
     fn assemble(
         path: &Path,
         kind: ModelKind,
@@ -228,34 +376,153 @@ impl SdxlModel {
                 let cfg: VaeConfig = read_json(&dir.join("config.json"), "VAE config")?;
                 let files = component_weight_files(dir, DIFFUSERS_STEM, None)?;
                 let w = Weights::from_safetensors(&files, vae_dtype(&cfg), &options.device)?;
-                AutoencoderKL::new(&w, &cfg)?
+                (w, cfg)
             }
             None => {
                 let (vae_w, vae_cfg) = parts.vae;
-                AutoencoderKL::new(&vae_w.with_dtype(vae_dtype(&vae_cfg)), &vae_cfg)?
+                (vae_w.with_dtype(vae_dtype(&vae_cfg)), vae_cfg)
             }
         };
-        let encoder = |t: TextComponent| -> Result<(ClipTokenizer, ClipTextModel)> {
-            Ok((t.tokenizer, ClipTextModel::new(&t.weights, &t.config)?))
-        };
-        let encoder_1 = parts.text_encoder.map(encoder).transpose()?;
-        let encoder_2 = encoder(parts.text_encoder_2)?;
-        let (unet_w, unet_cfg) = parts.unet;
-        let unet = UNet2DConditionModel::new(&unet_w, &unet_cfg)?;
+        let (text, unet) = (parts.text, parts.unet);
+        let on_demand = |r: Residency| r == Residency::OnDemand;
+        if on_demand(options.vae) {
+            check(&vae, build_vae)?;
+        }
+        if on_demand(options.text_encoders) {
+            check(&text, build_text)?;
+        }
+        if on_demand(options.unet) {
+            check(&unet, build_unet)?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             kind,
             index,
-            text: TextStack {
-                encoder_1,
-                encoder_2,
-            },
-            unet,
-            vae,
+            vae: Held::new(options.vae, vae, build_vae)?,
+            text: Held::new(options.text_encoders, text, build_text)?,
+            unet: Held::new(options.unet, unet, build_unet)?,
+            loras: PendingLoras::default(),
             scheduler_config: parts.scheduler_config,
             options: options.clone(),
         })
     }
+
+    /// The tokenizers and text encoders, with the model's LoRAs merged: borrowed when resident,
+    /// read now (and dropped with the returned value) when loaded on demand.
+    ///
+    /// # Errors
+    /// On demand: read errors of the checkpoint, tensor failures while merging LoRAs.
+    pub fn text(&self) -> Result<Loaded<'_, TextStack>> {
+        self.text.get(|source| {
+            let mut text = build_text(source)?;
+            self.loras.merge_into_text(&mut text)?;
+            Ok(text)
+        })
+    }
+
+    /// The UNet, with the model's LoRAs merged: borrowed when resident, read now (and dropped
+    /// with the returned value) when loaded on demand.
+    ///
+    /// # Errors
+    /// On demand: read errors of the checkpoint, tensor failures while merging LoRAs.
+    pub fn unet(&self) -> Result<Loaded<'_, UNet2DConditionModel>> {
+        self.unet.get(|source| {
+            let mut unet = build_unet(source)?;
+            self.loras.merge_into_unet(&mut unet)?;
+            Ok(unet)
+        })
+    }
+
+    /// The VAE: borrowed when resident, read now (and dropped with the returned value) when
+    /// loaded on demand.
+    ///
+    /// # Errors
+    /// On demand: read errors of the checkpoint.
+    pub fn vae(&self) -> Result<Loaded<'_, AutoencoderKL>> {
+        self.vae.get(build_vae)
+    }
+
+    /// The UNet's config, whether or not the UNet is in memory.
+    pub fn unet_config(&self) -> &UNetConfig {
+        match &self.unet {
+            Held::Resident(unet) => unet.config(),
+            Held::OnDemand((_, config)) => config,
+        }
+    }
+
+    /// The VAE's config, whether or not the VAE is in memory.
+    pub fn vae_config(&self) -> &VaeConfig {
+        match &self.vae {
+            Held::Resident(vae) => vae.config(),
+            Held::OnDemand((_, config)) => config,
+        }
+    }
+
+    /// Whether the layers a LoRA `component` targets are resident (edited in place by a merge)
+    /// rather than read on demand (merged each time they are read).
+    pub(crate) fn is_resident(&self, component: LoraComponent) -> bool {
+        match component {
+            LoraComponent::Unet => matches!(self.unet, Held::Resident(_)),
+            LoraComponent::TextEncoder | LoraComponent::TextEncoder2 => {
+                matches!(self.text, Held::Resident(_))
+            }
+        }
+    }
+
+    /// The resident UNet, to edit in place; `None` when it is loaded on demand.
+    pub(crate) fn resident_unet_mut(&mut self) -> Option<&mut UNet2DConditionModel> {
+        match &mut self.unet {
+            Held::Resident(unet) => Some(unet),
+            Held::OnDemand(_) => None,
+        }
+    }
+
+    /// The resident text encoders, to edit in place; `None` when they are loaded on demand.
+    pub(crate) fn resident_text_mut(&mut self) -> Option<&mut TextStack> {
+        match &mut self.text {
+            Held::Resident(text) => Some(text),
+            Held::OnDemand(_) => None,
+        }
+    }
+
+    /// The UNet as stored: borrowed when resident, read without the model's LoRAs when loaded
+    /// on demand (for its layer names and shapes).
+    pub(crate) fn unmerged_unet(&self) -> Result<Loaded<'_, UNet2DConditionModel>> {
+        self.unet.get(build_unet)
+    }
+
+    /// The text encoders as stored: see [`Self::unmerged_unet`].
+    pub(crate) fn unmerged_text(&self) -> Result<Loaded<'_, TextStack>> {
+        self.text.get(build_text)
+    }
+}
+
+/// Builds a component to check its checkpoint, then drops it and releases its memory.
+fn check<S, T>(source: &S, build: impl FnOnce(&S) -> Result<T>) -> Result<()> {
+    drop(build(source)?);
+    release_free_memory();
+    Ok(())
+}
+
+fn build_text(t: &TextSources) -> Result<TextStack> {
+    let encoder = |t: &TextComponent| -> Result<(ClipTokenizer, ClipTextModel)> {
+        Ok((
+            t.tokenizer.clone(),
+            ClipTextModel::new(&t.weights, &t.config)?,
+        ))
+    };
+    Ok(TextStack {
+        encoder_1: t.encoder_1.as_ref().map(encoder).transpose()?,
+        encoder_2: encoder(&t.encoder_2)?,
+    })
+}
+
+fn build_unet((weights, config): &(Weights, UNetConfig)) -> Result<UNet2DConditionModel> {
+    UNet2DConditionModel::new(weights, config)
+}
+
+fn build_vae((weights, config): &(Weights, VaeConfig)) -> Result<AutoencoderKL> {
+    AutoencoderKL::new(weights, config)
 }
 
 /// The stem of diffusers' UNet and VAE weight files.
@@ -268,10 +535,15 @@ struct TextComponent {
     weights: Weights,
 }
 
+/// What the text encoders are built from.
+struct TextSources {
+    encoder_1: Option<TextComponent>,
+    encoder_2: TextComponent,
+}
+
 /// Where each component comes from: a diffusers folder or a single file.
 struct Components {
-    text_encoder: Option<TextComponent>,
-    text_encoder_2: TextComponent,
+    text: TextSources,
     unet: (Weights, UNetConfig),
     vae: (Weights, VaeConfig),
     scheduler_config: SchedulerConfig,

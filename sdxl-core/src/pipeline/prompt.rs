@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::model::SdxlModel;
+use super::model::{SdxlModel, TextStack};
 use crate::error::{Error, Result};
 use crate::text::clip::ClipTextModel;
 use crate::text::tokenizer::ClipTokenizer;
@@ -65,26 +65,23 @@ pub struct PromptEmbeds {
     pub negative_pooled_prompt_embeds: Tensor,
 }
 
-/// The model's tokenizer/encoder pairs in concatenation order (encoder 1 when present, then
-/// encoder 2).
-fn encoders(model: &SdxlModel) -> Vec<&(ClipTokenizer, ClipTextModel)> {
-    model
-        .text
-        .encoder_1
+/// The tokenizer/encoder pairs in concatenation order (encoder 1 when present, then encoder 2).
+fn encoders(text: &TextStack) -> Vec<&(ClipTokenizer, ClipTextModel)> {
+    text.encoder_1
         .iter()
-        .chain(std::iter::once(&model.text.encoder_2))
+        .chain(std::iter::once(&text.encoder_2))
         .collect()
 }
 
 /// The windows of one side (positive or negative), one list per encoder.
 fn side_chunks(
-    model: &SdxlModel,
+    text: &TextStack,
     prompts: &Prompts,
     texts: [&str; 2],
 ) -> Result<Vec<Vec<TokenChunk>>> {
     // diffusers zips [prompt, prompt_2] with the available encoders, so a refiner (encoder 2
     // only) sees the first prompt.
-    encoders(model)
+    encoders(text)
         .into_iter()
         .zip(texts)
         .map(|((tok, _), text)| prompt_chunks(tok, text, prompts.weighting, prompts.long_prompts))
@@ -143,13 +140,16 @@ fn encode_windows(
     Ok((hidden, pooled))
 }
 
-/// Encodes one side with every encoder of the model: the concatenated hidden states and the
-/// pooled embedding of encoder 2.
-fn encode_side(model: &SdxlModel, chunks: &[Vec<TokenChunk>]) -> Result<(Tensor, Tensor)> {
-    let device = &model.options.device;
+/// Encodes one side with every encoder: the concatenated hidden states and the pooled
+/// embedding of encoder 2.
+fn encode_side(
+    text: &TextStack,
+    device: &Device,
+    chunks: &[Vec<TokenChunk>],
+) -> Result<(Tensor, Tensor)> {
     let mut hidden = Vec::with_capacity(chunks.len());
     let mut pooled = None;
-    for ((_, encoder), windows) in encoders(model).into_iter().zip(chunks) {
+    for ((_, encoder), windows) in encoders(text).into_iter().zip(chunks) {
         let (h, p) = encode_windows(encoder, windows, device)?;
         hidden.push(h);
         pooled = p;
@@ -161,8 +161,8 @@ fn encode_side(model: &SdxlModel, chunks: &[Vec<TokenChunk>]) -> Result<(Tensor,
 }
 
 /// Appends empty-prompt windows to every list shorter than `count`.
-fn pad_windows(model: &SdxlModel, side: &mut [Vec<TokenChunk>], count: usize) {
-    for ((tok, _), windows) in encoders(model).into_iter().zip(side) {
+fn pad_windows(text: &TextStack, side: &mut [Vec<TokenChunk>], count: usize) {
+    for ((tok, _), windows) in encoders(text).into_iter().zip(side) {
         windows.resize(count.max(windows.len()), TokenChunk::empty(tok));
     }
 }
@@ -178,18 +178,23 @@ fn pad_windows(model: &SdxlModel, side: &mut [Vec<TokenChunk>], count: usize) {
 /// projection of the first window. Every encoder on both sides is padded with empty-prompt
 /// windows to the largest window count, so both sides have the same length.
 ///
+/// The text encoders are those of [`SdxlModel::text`]: read for this call and dropped before it
+/// returns when they are loaded on demand.
+///
 /// # Errors
-/// Tokenizer or tensor failures.
+/// Tokenizer or tensor failures; read errors of text encoders loaded on demand.
 pub fn encode_prompt(model: &SdxlModel, prompts: &Prompts) -> Result<PromptEmbeds> {
+    let text = model.text()?;
+    let device = &model.options.device;
     let prompt_2 = prompts.prompt_2.as_deref().unwrap_or(&prompts.prompt);
-    let mut positive = side_chunks(model, prompts, [prompts.prompt.as_str(), prompt_2])?;
+    let mut positive = side_chunks(&text, prompts, [prompts.prompt.as_str(), prompt_2])?;
     let zero_out = prompts.negative_prompt.is_none() && model.index.force_zeros_for_empty_prompt;
     let mut negative = if zero_out {
         Vec::new()
     } else {
         let negative = prompts.negative_prompt.as_deref().unwrap_or("");
         let negative_2 = prompts.negative_prompt_2.as_deref().unwrap_or(negative);
-        side_chunks(model, prompts, [negative, negative_2])?
+        side_chunks(&text, prompts, [negative, negative_2])?
     };
     let count = positive
         .iter()
@@ -197,16 +202,16 @@ pub fn encode_prompt(model: &SdxlModel, prompts: &Prompts) -> Result<PromptEmbed
         .map(Vec::len)
         .max()
         .unwrap_or(1);
-    pad_windows(model, &mut positive, count);
-    pad_windows(model, &mut negative, count);
-    let (prompt_embeds, pooled_prompt_embeds) = encode_side(model, &positive)?;
+    pad_windows(&text, &mut positive, count);
+    pad_windows(&text, &mut negative, count);
+    let (prompt_embeds, pooled_prompt_embeds) = encode_side(&text, device, &positive)?;
     let (negative_prompt_embeds, negative_pooled_prompt_embeds) = if zero_out {
         (
             prompt_embeds.zeros_like()?,
             pooled_prompt_embeds.zeros_like()?,
         )
     } else {
-        encode_side(model, &negative)?
+        encode_side(&text, device, &negative)?
     };
     Ok(PromptEmbeds {
         prompt_embeds,

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sdxl_core::pipeline::{LoadOptions, SdxlModel};
+use sdxl_core::pipeline::{LoadOptions, Residency, SdxlModel};
 use serde_json::Value;
 
 /// The fixture root: `$SDXL_FIXTURES`, or `../shared/reference/fixtures` relative to the
@@ -105,6 +105,38 @@ pub fn base_model() -> SdxlModel {
 /// The refiner fixture model with the default options (f32 on the CPU).
 pub fn refiner_model() -> SdxlModel {
     load_model(&refiner_dir(), &LoadOptions::default())
+}
+
+/// Load options worth telling apart for results that must not depend on where components live:
+/// all resident (the default), all on demand, and each component alone on demand.
+pub fn residencies() -> Vec<(&'static str, LoadOptions)> {
+    let on_demand = Residency::OnDemand;
+    let d = LoadOptions::default;
+    vec![
+        ("resident", d()),
+        ("low_memory", d().low_memory()),
+        (
+            "text encoders on demand",
+            LoadOptions {
+                text_encoders: on_demand,
+                ..d()
+            },
+        ),
+        (
+            "UNet on demand",
+            LoadOptions {
+                unet: on_demand,
+                ..d()
+            },
+        ),
+        (
+            "VAE on demand",
+            LoadOptions {
+                vae: on_demand,
+                ..d()
+            },
+        ),
+    ]
 }
 
 fn model_dir(class: &str) -> PathBuf {
@@ -258,6 +290,14 @@ pub fn flat_f64(t: &Tensor) -> Vec<f64> {
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f64>())
         .expect("tensor converts to f64")
+}
+
+/// Exact equality of two tensors: same shape, dtype and values.
+pub fn assert_identical(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shape");
+    assert_eq!(a.dtype(), b.dtype(), "{what}: dtype");
+    assert!(flat_f64(a) == flat_f64(b), "{what}: values differ");
+    println!("ok   {what}: identical");
 }
 
 /// max |a - b| over all values (f32 tensors of one shape).

@@ -25,7 +25,8 @@ pub enum Component {
     /// OpenCLIP ViT-bigG with projection, `--batch` × 77 tokens, all hidden states.
     #[value(name = "text_encoder_2")]
     TextEncoder2,
-    /// One whole text-to-image generation (encode, `--pipeline-steps` steps, decode).
+    /// One whole text-to-image generation (encode, `--pipeline-steps` steps, decode); with
+    /// `--refiner`, also one with the refiner hand-off.
     Pipeline,
 }
 
@@ -50,7 +51,7 @@ pub struct BenchArgs {
     /// The SDXL base model: a diffusers folder (full size for meaningful numbers).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// An SDXL refiner folder, for `refiner_unet`.
+    /// An SDXL refiner folder, for `refiner_unet` and the `pipeline` base+refiner row.
     #[arg(long)]
     pub refiner: Option<PathBuf>,
     /// Comma list of: matmul, unet, refiner_unet, vae, text_encoder, text_encoder_2, pipeline.
@@ -85,6 +86,10 @@ pub struct BenchArgs {
     /// Denoising steps of the whole generation.
     #[arg(long, default_value_t = 4)]
     pub pipeline_steps: usize,
+    /// Load the `pipeline` rows' models with every component on demand (`LoadOptions::
+    /// low_memory`, `generate --low-memory`) instead of resident.
+    #[arg(long)]
+    pub low_memory: bool,
     /// Batch of the UNet (2 = one image with classifier-free guidance) and the text encoders.
     #[arg(long, default_value_t = 2)]
     pub batch: usize,

@@ -140,29 +140,88 @@ fn token_ids(
     Tensor::from_vec(ids, (batch, seq), device).map_err(msg)
 }
 
-/// FLOPs of one whole text-to-image run: the text encoders (twice when the negative prompt is
-/// encoded too), one UNet evaluation per step (the base's Euler scheduler), one decode.
-fn pipeline_flops(model: &SdxlModel, params: &GenerateParams) -> Result<Flops, String> {
-    let clip = |tok: &ClipTokenizer, te: &ClipTextModel| {
-        flops::clip_forward(te.config(), 1, tok.max_length(), te.has_projection())
-    };
-    let mut text = Flops::default();
-    if let Some((tok, te)) = &model.text.encoder_1 {
-        text = text.plus(clip(tok, te));
-    }
-    let (tok2, te2) = &model.text.encoder_2;
-    text = text.plus(clip(tok2, te2));
+/// The fraction of the schedule at which the base hands off to the refiner (the CLI's
+/// `--refiner-start` default and diffusers' documented `denoising_end=0.8`).
+const REFINER_START: f64 = 0.8;
+
+/// FLOPs of one stage of a generation run by `model`: its text encoders on the prompt (and on
+/// the negative prompt when that is encoded too) and `unet_steps` UNet evaluations.
+fn stage_flops(
+    model: &SdxlModel,
+    params: &GenerateParams,
+    unet_steps: usize,
+) -> Result<Flops, String> {
+    let text = model.text().map_err(msg)?;
+    let encoders = text
+        .encoder_1
+        .iter()
+        .chain(std::iter::once(&text.encoder_2));
+    let clip = encoders.fold(Flops::default(), |sum, (tok, te)| {
+        sum.plus(flops::clip_forward(
+            te.config(),
+            1,
+            tok.max_length(),
+            te.has_projection(),
+        ))
+    });
     let negatives_encoded =
         !(model.index.force_zeros_for_empty_prompt && params.prompts.negative_prompt.is_none());
-    let f = model.vae.config().downscale_factor();
+    let f = model.vae_config().downscale_factor();
     let latent = (params.height / f, params.width / f);
     let cfg_batch = if params.guidance_scale > 1.0 { 2 } else { 1 } * params.num_images;
-    let unet = flops::unet_forward(model.unet.config(), cfg_batch, latent, tok2.max_length())?;
-    let vae = flops::vae_decode(model.vae.config(), latent).times(params.num_images as u64);
-    Ok(text
+    let context = text.encoder_2.0.max_length();
+    let unet = flops::unet_forward(model.unet_config(), cfg_batch, latent, context)?;
+    Ok(clip
         .times(if negatives_encoded { 2 } else { 1 })
-        .plus(unet.times(params.steps as u64))
-        .plus(vae))
+        .plus(unet.times(unet_steps as u64)))
+}
+
+/// How many of the schedule's steps the base runs before handing off at `start`: diffusers'
+/// `denoising_end` keeps the timesteps at or above `round(T − start·T)`. The refiner runs the
+/// rest (the first-order Euler scheduler of SDXL evaluates the UNet once per step).
+fn base_steps(model: &SdxlModel, params: &GenerateParams, start: f64) -> Result<usize, String> {
+    let (kind, config) = params
+        .scheduler
+        .resolve(&model.scheduler_config)
+        .map_err(msg)?;
+    let mut scheduler = kind.build(&config).map_err(msg)?;
+    scheduler.set_timesteps(params.steps).map_err(msg)?;
+    let train = config
+        .values()
+        .get("num_train_timesteps")
+        .and_then(Value::as_f64)
+        .unwrap_or(1000.0);
+    let cutoff = (train - start * train).round_ties_even();
+    Ok(scheduler
+        .timesteps()
+        .iter()
+        .filter(|&&t| t >= cutoff)
+        .count())
+}
+
+/// FLOPs of one whole text-to-image run, with the refiner hand-off when `refiner` is given:
+/// each stage's text encoders and UNet steps, then one decode by the model that finishes.
+fn pipeline_flops(
+    base: &SdxlModel,
+    refiner: Option<&SdxlModel>,
+    params: &GenerateParams,
+) -> Result<Flops, String> {
+    let (total, last) = match refiner {
+        None => (stage_flops(base, params, params.steps)?, base),
+        Some(refiner) => {
+            let steps = base_steps(base, params, REFINER_START)?;
+            let flops = stage_flops(base, params, steps)?.plus(stage_flops(
+                refiner,
+                params,
+                params.steps.saturating_sub(steps),
+            )?);
+            (flops, refiner)
+        }
+    };
+    let f = last.vae_config().downscale_factor();
+    let latent = (params.height / f, params.width / f);
+    let decode = flops::vae_decode(last.vae_config(), latent).times(params.num_images as u64);
+    Ok(total.plus(decode))
 }
 
 impl Bench<'_> {
@@ -291,7 +350,10 @@ impl Bench<'_> {
 
     /// One whole text-to-image generation (encode, `--pipeline-steps` steps, decode) per
     /// dtype, with the model's own scheduler and diffusers' defaults otherwise (guidance 5, so
-    /// the UNet runs at batch 2; in f16 the VAE is upcast to f32 as diffusers does).
+    /// the UNet runs at batch 2; in f16 the VAE is upcast to f32 as diffusers does); with
+    /// `--refiner`, then the same generation handed to the refiner at 0.8 of the schedule
+    /// (`txt2img+refiner`, the base still loaded). `--low-memory` loads every component on
+    /// demand.
     pub(super) fn pipeline(&mut self, dir: &Path) -> Result<(), String> {
         let (args, device) = (self.args, self.device.clone());
         let (px, steps) = (args.pipeline_px, args.pipeline_steps);
@@ -300,6 +362,8 @@ impl Bench<'_> {
         params.height = px;
         params.steps = steps;
         params.validate().map_err(msg)?;
+        let mut row_extra = extra(&[("px", px), ("steps", steps)]);
+        row_extra.insert("low_memory".into(), json!(args.low_memory));
         for &d in &args.dtypes {
             let (dtype, name) = dtype_names(d);
             let options = LoadOptions {
@@ -307,17 +371,43 @@ impl Bench<'_> {
                 dtype,
                 ..LoadOptions::default()
             };
+            let options = if args.low_memory {
+                options.low_memory()
+            } else {
+                options
+            };
             let model = self.load("pipeline", name, || SdxlModel::load(dir, &options))?;
+            let shape = format!("1x{}x{px}x{px}", model.vae_config().out_channels);
             let row = Row {
                 component: "pipeline",
                 op: "txt2img",
                 dtype: name,
-                shape: format!("1x{}x{px}x{px}", model.vae.config().out_channels),
-                flops: pipeline_flops(&model, &params)?,
-                extra: extra(&[("px", px), ("steps", steps)]),
+                shape: shape.clone(),
+                flops: pipeline_flops(&model, None, &params)?,
+                extra: row_extra.clone(),
             };
             self.run_row(row, self.runs(), &mut || {
                 generate(&model, None, &params, RunControl::none())
+                    .map(drop)
+                    .map_err(msg)
+            });
+            let Some(refiner_dir) = args.refiner.as_deref() else {
+                continue;
+            };
+            let refiner = self.load("pipeline refiner", name, || {
+                SdxlModel::load(refiner_dir, &options)
+            })?;
+            let row = Row {
+                component: "pipeline",
+                op: "txt2img+refiner",
+                dtype: name,
+                shape,
+                flops: pipeline_flops(&model, Some(&refiner), &params)?,
+                extra: row_extra.clone(),
+            };
+            let pair = Some((&refiner, REFINER_START));
+            self.run_row(row, self.runs(), &mut || {
+                generate(&model, pair, &params, RunControl::none())
                     .map(drop)
                     .map_err(msg)
             });

@@ -179,7 +179,11 @@ impl Bench<'_> {
                     peak_rss_gib: self.peak.since_reset_gib(),
                     extra: row.extra,
                 };
-                let rec = m.to_json(self.threads);
+                let mut rec = m.to_json(self.threads);
+                if let Value::Object(fields) = &mut rec {
+                    let peak = (self.peak.lifetime_gib() * 100.0).round() / 100.0;
+                    fields.insert("process_peak_rss_gib".into(), json!(peak));
+                }
                 self.out.emit(&rec);
             }
             Err(e) => {
