@@ -124,24 +124,28 @@ impl<'a> PackedA<'a> {
 
     /// A back, row-major (m x k).
     pub fn unpack(&self) -> Vec<bf16> {
-        let (m, k) = (self.rows, self.cols);
-        let k2 = k.div_ceil(2);
-        let mut out = vec![bf16::ZERO; m * k];
-        for (i, line) in out.chunks_exact_mut(k.max(1)).enumerate().take(m) {
-            let (panel, lane) = (i / MR, i % MR);
-            for (p, two) in line.chunks_mut(2).enumerate() {
-                let pair = self
-                    .panels
-                    .get((panel * k2 + p) * MR + lane)
-                    .copied()
-                    .unwrap_or(0);
-                for (h, x) in two.iter_mut().enumerate() {
-                    *x = bf16::from_bits((pair >> (16 * h)) as u16);
-                }
+        unpack_lines::<MR>(self.panels, self.rows, self.cols)
+    }
+}
+
+/// The `lines` lines of `k` values each (rows of A, columns of B) back from panels of `W` lines
+/// in k-pairs, one line after the other.
+fn unpack_lines<const W: usize>(panels: &[u32], lines: usize, k: usize) -> Vec<bf16> {
+    let k2 = k.div_ceil(2);
+    let mut out = vec![bf16::ZERO; lines * k];
+    for (i, line) in out.chunks_exact_mut(k.max(1)).enumerate().take(lines) {
+        let (panel, lane) = (i / W, i % W);
+        for (p, two) in line.chunks_mut(2).enumerate() {
+            let pair = panels
+                .get((panel * k2 + p) * W + lane)
+                .copied()
+                .unwrap_or(0);
+            for (h, x) in two.iter_mut().enumerate() {
+                *x = bf16::from_bits((pair >> (16 * h)) as u16);
             }
         }
-        out
     }
+    out
 }
 
 /// Writes a packed B (the layout [`pack_b`] produces) two rows at a time, for callers that
@@ -264,23 +268,7 @@ impl<'a> PackedB<'a> {
     /// Bᵀ (n x k) row-major: the matrix back, transposed (a linear layer's `[out, in]`
     /// weight from its packed `[in, out]` transpose).
     pub fn unpack_transposed(&self) -> Vec<bf16> {
-        let (k, n) = (self.rows, self.cols);
-        let k2 = k.div_ceil(2);
-        let mut out = vec![bf16::ZERO; n * k];
-        for (j, line) in out.chunks_exact_mut(k.max(1)).enumerate().take(n) {
-            let (panel, lane) = (j / NR, j % NR);
-            for (p, two) in line.chunks_mut(2).enumerate() {
-                let pair = self
-                    .panels
-                    .get((panel * k2 + p) * NR + lane)
-                    .copied()
-                    .unwrap_or(0);
-                for (h, x) in two.iter_mut().enumerate() {
-                    *x = bf16::from_bits((pair >> (16 * h)) as u16);
-                }
-            }
-        }
-        out
+        unpack_lines::<NR>(self.panels, self.cols, self.rows)
     }
 }
 
