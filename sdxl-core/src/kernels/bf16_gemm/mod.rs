@@ -18,7 +18,7 @@
 //! check [`native_available`] first (as [`crate::kernels::matmul`] does).
 //!
 //! A B that is multiplied many times (a layer's weight) can be packed once with [`pack_b`]
-//! and multiplied with [`gemm_bf16_packed`]: the per-call packing pass (a fifth
+//! and multiplied with [`gemm_bf16_operands`]: the per-call packing pass (a fifth
 //! of a bf16 UNet step at 512 px, where every weight is streamed once per step) disappears,
 //! and the packed form takes no more memory than the bf16 matrix.
 
