@@ -16,17 +16,81 @@
 
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
-use half::bf16;
+use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, Rhs};
 
-/// Bytes of gathered columns a tile aims at: big enough that the GEMM's packing of the weight
-/// per tile costs little, small enough that the allocator keeps reusing the buffer.
-const TILE_BYTES: usize = 24 << 20;
-/// Columns below which a tile is too narrow to be worth its own weight packing: such
-/// convolutions run as one tile with the GEMM's own threads.
+/// Bytes of gathered columns a tile aims at when the weight is smaller: about what stays in
+/// the caches a core sees while the GEMM runs over the tile (measured on Zen 4: 1–4 MiB
+/// equally good for the VAE, 24 MiB 5–10% slower).
+const MIN_TILE_BYTES: usize = 1 << 20;
+/// Most bytes of gathered columns per tile, however large the weight.
+const MAX_TILE_BYTES: usize = 32 << 20;
+/// Fewest columns per tile: narrower tiles spend more on streaming the weight than they
+/// save in cache misses.
 const MIN_TILE_COLUMNS: usize = 512;
+
+/// What happens to the input before the convolution, applied while the columns are gathered
+/// instead of being written out as a tensor: nearest-neighbour upsampling (diffusers'
+/// `Upsample2D`, whose ×2 copy of a 512-channel map at 256 px is 64 MiB in bf16) and extra
+/// zero padding below and to the right (the VAE encoder's `Downsample2D`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPrep {
+    /// Nearest-neighbour upsampling factor of the input (1: none).
+    pub upsample: usize,
+    /// Zero rows below and zero columns to the right of the (upsampled) input, on top of the
+    /// convolution's own padding on every side.
+    pub pad_bottom_right: usize,
+}
+
+impl InputPrep {
+    /// The input as it is.
+    pub const NONE: Self = Self {
+        upsample: 1,
+        pad_bottom_right: 0,
+    };
+
+    /// Nearest-neighbour upsampling by `factor` in both directions.
+    pub fn upsample(factor: usize) -> Self {
+        Self {
+            upsample: factor,
+            ..Self::NONE
+        }
+    }
+
+    /// `rows` zero rows below and `rows` zero columns to the right.
+    pub fn pad_bottom_right(rows: usize) -> Self {
+        Self {
+            pad_bottom_right: rows,
+            ..Self::NONE
+        }
+    }
+
+    /// The prepared input as a tensor, with candle's operations (for devices and dtypes the
+    /// kernel does not handle).
+    ///
+    /// # Errors
+    /// `x` is not 4-d, or a tensor operation fails.
+    pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        if self.upsample > 1 {
+            let (_, _, h, w) = x.dims4()?;
+            x = x.upsample_nearest2d(h * self.upsample, w * self.upsample)?;
+        }
+        if self.pad_bottom_right > 0 {
+            let pad = self.pad_bottom_right;
+            x = x.pad_with_zeros(2, 0, pad)?.pad_with_zeros(3, 0, pad)?;
+        }
+        Ok(x)
+    }
+}
+
+impl Default for InputPrep {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
 
 /// Whether [`conv2d`] handles this convolution: one group, 4-d CPU tensors of one dtype, f32
 /// or (where the CPU has AVX512-BF16) bf16.
@@ -44,7 +108,7 @@ pub fn supports(x: &Tensor, weight: &Tensor, config: &Conv2dConfig) -> bool {
         && weight.rank() == 4
 }
 
-/// `conv2d(x, weight) + bias` in NCHW for the tensors [`supports`] accepts.
+/// `conv2d(prep(x), weight) + bias` in NCHW for the tensors [`supports`] accepts.
 ///
 /// # Errors
 /// Shapes that do not fit together, or tensors [`supports`] refuses.
@@ -53,10 +117,11 @@ pub fn conv2d(
     weight: &Tensor,
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
+    prep: InputPrep,
 ) -> candle_core::Result<Tensor> {
     match x.dtype() {
-        DType::F32 => conv2d_typed::<f32>(x, weight, bias, config),
-        DType::BF16 => conv2d_typed::<bf16>(x, weight, bias, config),
+        DType::F32 => conv2d_typed::<f32>(x, weight, bias, config, prep),
+        DType::BF16 => conv2d_typed::<bf16>(x, weight, bias, config, prep),
         other => candle_core::bail!("conv2d kernel: unsupported dtype {other:?}"),
     }
 }
@@ -134,6 +199,7 @@ pub fn conv2d_packed(
     kernel: &PackedKernel,
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
+    prep: InputPrep,
 ) -> candle_core::Result<Tensor> {
     if x.dtype() != DType::BF16 || !x.device().is_cpu() || config.groups != 1 {
         candle_core::bail!(
@@ -142,7 +208,7 @@ pub fn conv2d_packed(
             x.device()
         )
     }
-    let geometry = Geometry::new(x.dims(), &kernel.dims, config)?;
+    let geometry = Geometry::new(x.dims(), &kernel.dims, config, prep)?;
     let bias = bias_values(bias, geometry.c_out)?;
     let x = x.contiguous()?;
     let (x_storage, x_layout) = x.storage_and_layout();
@@ -174,6 +240,10 @@ fn bias_values(bias: Option<&Tensor>, c_out: usize) -> candle_core::Result<Optio
 trait ConvElement: WithDType + Default {
     /// One thread's reusable tile buffers (see [`with_scratch`]).
     type Scratch: Default;
+
+    /// `len` zeros from zeroed pages (`calloc`), which the tiles fault in on their own threads
+    /// instead of the calling thread writing zeros first.
+    fn zeroed(len: usize) -> Vec<Self>;
 
     /// This thread's tile buffers.
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>>;
@@ -252,6 +322,10 @@ struct TileRows {
 impl ConvElement for f32 {
     /// Gathered columns, product.
     type Scratch = (Vec<f32>, Vec<f32>);
+
+    fn zeroed(len: usize) -> Vec<Self> {
+        vec![0.0; len]
+    }
 
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>> {
         &F32_SCRATCH
@@ -360,6 +434,11 @@ impl ConvElement for bf16 {
     /// One column row pair, the packed columns, product.
     type Scratch = (Vec<bf16>, Vec<u32>, Vec<bf16>);
 
+    fn zeroed(len: usize) -> Vec<Self> {
+        // `vec![bf16::ZERO; len]` would write every zero on this thread; zero bits are bf16 0.
+        vec![0u16; len].reinterpret_into()
+    }
+
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>> {
         &BF16_SCRATCH
     }
@@ -427,7 +506,7 @@ fn to_candle(e: crate::Error) -> candle_core::Error {
 
 thread_local! {
     /// A thread's tile buffers, kept between convolutions so that each tile does not fault in
-    /// (and the kernel zero) fresh pages; at most a few tiles of [`TILE_BYTES`] per thread.
+    /// (and the kernel zero) fresh pages; at most a few tiles of [`MAX_TILE_BYTES`] per thread.
     static F32_SCRATCH: std::cell::RefCell<<f32 as ConvElement>::Scratch> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     /// As `F32_SCRATCH`, for bf16.
@@ -453,11 +532,15 @@ fn prefix<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     &mut buffer[..len]
 }
 
-/// The geometry of one convolution.
+/// The geometry of one convolution. `height` and `width` are those of the prepared input
+/// (after upsampling); `src_height` and `src_width` those of the stored input.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     batch: usize,
     c_in: usize,
+    src_height: usize,
+    src_width: usize,
+    upsample: usize,
     height: usize,
     width: usize,
     c_out: usize,
@@ -466,22 +549,38 @@ struct Geometry {
     out_h: usize,
     out_w: usize,
     stride: usize,
+    /// Zeros above and to the left (and, plus `pad_after`, below and to the right).
     padding: usize,
+    pad_after: usize,
     dilation: usize,
 }
 
 impl Geometry {
-    fn new(x: &[usize], w: &[usize], config: &Conv2dConfig) -> candle_core::Result<Self> {
-        let (&[batch, c_in, height, width], &[c_out, w_in, kernel_h, kernel_w]) = (x, w) else {
+    fn new(
+        x: &[usize],
+        w: &[usize],
+        config: &Conv2dConfig,
+        prep: InputPrep,
+    ) -> candle_core::Result<Self> {
+        let (&[batch, c_in, src_height, src_width], &[c_out, w_in, kernel_h, kernel_w]) = (x, w)
+        else {
             candle_core::bail!("conv2d: expected 4-d input and weight, got {x:?} and {w:?}")
         };
         if w_in != c_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {w_in}")
         }
+        let upsample = prep.upsample.max(1);
+        let (Some(height), Some(width)) = (
+            src_height.checked_mul(upsample),
+            src_width.checked_mul(upsample),
+        ) else {
+            candle_core::bail!("conv2d: upsampling by {upsample} overflows")
+        };
         let stride = config.stride.max(1);
         let dilation = config.dilation.max(1);
+        let pad_after = prep.pad_bottom_right;
         let span = |size: usize, kernel: usize| {
-            (size + 2 * config.padding)
+            (size + 2 * config.padding + pad_after)
                 .checked_sub(dilation * (kernel.max(1) - 1) + 1)
                 .map(|s| s / stride + 1)
         };
@@ -494,6 +593,9 @@ impl Geometry {
         Ok(Self {
             batch,
             c_in,
+            src_height,
+            src_width,
+            upsample,
             height,
             width,
             c_out,
@@ -503,6 +605,7 @@ impl Geometry {
             out_w,
             stride,
             padding: config.padding,
+            pad_after,
             dilation,
         })
     }
@@ -522,9 +625,20 @@ impl Geometry {
         self.out_h * self.out_w
     }
 
-    /// A 1×1 convolution with stride 1 and no padding reads the input as its column matrix.
+    /// A 1×1 convolution with stride 1 and no padding or upsampling reads the input as its
+    /// column matrix.
     fn is_pointwise(&self) -> bool {
-        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
+        self.kernel_h == 1
+            && self.kernel_w == 1
+            && self.stride == 1
+            && self.padding == 0
+            && self.pad_after == 0
+            && self.upsample == 1
+    }
+
+    /// Values of the stored input.
+    fn input_len(&self) -> usize {
+        self.batch * self.c_in * self.src_height * self.src_width
     }
 }
 
@@ -542,8 +656,9 @@ fn conv2d_typed<T: ConvElement>(
     weight: &Tensor,
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
+    prep: InputPrep,
 ) -> candle_core::Result<Tensor> {
-    let geometry = Geometry::new(x.dims(), weight.dims(), config)?;
+    let geometry = Geometry::new(x.dims(), weight.dims(), config, prep)?;
     let bias = bias_values(bias, geometry.c_out)?;
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
@@ -579,14 +694,14 @@ fn convolve<T: ConvElement>(
 ) -> candle_core::Result<Vec<T>> {
     let positions = g.positions();
     let image_out = g.c_out * positions;
-    if x.len() != g.batch * g.c_in * g.height * g.width || !w.fits(g.c_out, g.k()) {
+    if x.len() != g.input_len() || !w.fits(g.c_out, g.k()) {
         candle_core::bail!("conv2d: tensor sizes do not match their shapes")
     }
-    let mut out = vec![T::default(); g.batch * image_out];
+    let mut out = T::zeroed(g.batch * image_out);
     let threads = candle_core::utils::get_num_threads().max(1);
 
     if g.is_pointwise() {
-        let image_in = g.c_in * positions;
+        let image_in = g.c_in * g.src_height * g.src_width;
         for (image, dst) in out.chunks_exact_mut(image_out.max(1)).enumerate() {
             let src = x.get(image * image_in..).unwrap_or_default();
             let shape = GemmShape {
@@ -600,7 +715,7 @@ fn convolve<T: ConvElement>(
     }
 
     let total_rows = g.batch * g.out_h;
-    let tile_rows = tile_rows(g, threads);
+    let tile_rows = tile_rows::<T>(g, threads);
     let tiles = total_rows.div_ceil(tile_rows);
     let gemm_threads = if tiles < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -620,24 +735,34 @@ fn convolve<T: ConvElement>(
     Ok(out)
 }
 
-/// Output rows per tile: about [`TILE_BYTES`] of columns, at least one tile per thread when
-/// that keeps tiles wide enough, and a single tile when the whole output is narrow.
-fn tile_rows(g: &Geometry, threads: usize) -> usize {
+/// Output rows per tile.
+///
+/// A tile's columns (`k x n`) should stay in cache while the GEMM sweeps the weight over them,
+/// so tiles are small ([`MIN_TILE_BYTES`]), except that every tile streams the whole weight
+/// from memory (and the f32 GEMM packs it again), so a tile's columns are at least as many
+/// bytes as the weight, up to [`MAX_TILE_BYTES`]. Tiles are at least [`MIN_TILE_COLUMNS`] wide
+/// and come in a multiple of the thread count so that no thread idles at the end; when one
+/// tile per thread would be narrower than that, a single tile runs on the GEMM's own threads.
+fn tile_rows<T>(g: &Geometry, threads: usize) -> usize {
     let total_rows = g.batch * g.out_h;
-    let row_bytes = g.k() * g.out_w * std::mem::size_of::<f32>();
-    let by_size = (TILE_BYTES / row_bytes.max(1)).max(1);
+    let element = std::mem::size_of::<T>();
+    let weight_bytes = g.c_out * g.k() * element;
+    let tile_bytes = weight_bytes.clamp(MIN_TILE_BYTES, MAX_TILE_BYTES);
+    let row_bytes = g.k() * g.out_w * element;
+    let by_size = (tile_bytes / row_bytes.max(1)).max(1);
+    let wide_enough = MIN_TILE_COLUMNS.div_ceil(g.out_w.max(1));
     let by_threads = total_rows.div_ceil(threads);
-    let rows = by_size.min(by_threads);
-    if rows * g.out_w < MIN_TILE_COLUMNS && total_rows <= by_size {
-        total_rows
-    } else {
-        rows.max(1)
+    if by_threads < wide_enough {
+        return total_rows;
     }
+    let rows = by_size.max(wide_enough).min(by_threads);
+    let tiles = total_rows.div_ceil(rows).next_multiple_of(threads);
+    total_rows.div_ceil(tiles)
 }
 
 /// Fills `row` (`tile.count · out_w` values) with row `r` of the tile's column matrix: the
-/// input values under kernel tap `r` (an input channel and a kernel position) for each output
-/// position of the tile, zero where the tap falls in the padding.
+/// prepared input's values under kernel tap `r` (an input channel and a kernel position) for
+/// each output position of the tile, zero where the tap falls in the padding.
 fn gather_row<T: WithDType + Default>(
     g: &Geometry,
     x: &[T],
@@ -646,7 +771,7 @@ fn gather_row<T: WithDType + Default>(
     row: &mut [T],
 ) {
     let taps = g.kernel_h * g.kernel_w;
-    let plane = g.height * g.width;
+    let src_plane = g.src_height * g.src_width;
     let channel = r / taps;
     let (ky, kx) = ((r % taps) / g.kernel_w, r % g.kernel_w);
     // Output columns whose tap lands inside the input width: ow·stride + kx·dilation −
@@ -665,20 +790,46 @@ fn gather_row<T: WithDType + Default>(
             out_row.fill(T::default());
             continue;
         };
-        let src_row = (image * g.c_in + channel) * plane + iy * g.width;
+        let src_row = (image * g.c_in + channel) * src_plane + (iy / g.upsample) * g.src_width;
         out_row[..ow_start].fill(T::default());
         out_row[ow_end..].fill(T::default());
         let first_ix = ow_start * g.stride + shift - g.padding;
-        if g.stride == 1 {
-            let len = ow_end - ow_start;
-            out_row[ow_start..ow_end]
-                .copy_from_slice(&x[src_row + first_ix..src_row + first_ix + len]);
-        } else {
-            for (dst, ix) in out_row[ow_start..ow_end]
-                .iter_mut()
-                .zip((first_ix..).step_by(g.stride))
-            {
-                *dst = x[src_row + ix];
+        copy_columns(
+            &x[src_row..src_row + g.src_width],
+            first_ix,
+            g.stride,
+            g.upsample,
+            &mut out_row[ow_start..ow_end],
+        );
+    }
+}
+
+/// `dst[j] = src[(first + j·stride) / upsample]`: input columns `first, first + stride, ...` of
+/// a row upsampled by `upsample` (nearest neighbour), with a copy or a doubling loop for the
+/// common cases.
+fn copy_columns<T: Copy>(src: &[T], first: usize, stride: usize, upsample: usize, dst: &mut [T]) {
+    match (stride, upsample) {
+        (1, 1) => dst.copy_from_slice(&src[first..first + dst.len()]),
+        (1, 2) => {
+            // Logical column first + j is source column (first + j) / 2: an odd start takes
+            // one copy, then each source value fills two columns.
+            let (head, rest) = dst.split_at_mut((first % 2).min(dst.len()));
+            if let Some(h) = head.first_mut() {
+                *h = src[first / 2];
+            }
+            let (s, pairs) = (first.div_ceil(2), rest.len() / 2);
+            let mut chunks = rest.chunks_exact_mut(2);
+            for (pair, &v) in (&mut chunks).zip(&src[s..s + pairs]) {
+                pair[0] = v;
+                pair[1] = v;
+            }
+            if let [last] = chunks.into_remainder() {
+                *last = src[s + pairs];
+            }
+        }
+        _ => {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = src[(first + j * stride) / upsample];
             }
         }
     }
@@ -725,8 +876,26 @@ mod tests {
         }
     }
 
-    /// Ours against candle's own convolution on shapes that exercise every path: padding,
-    /// strides, dilation, 1×1, tiles spanning images, odd sizes.
+    /// The preparations every test runs: none, ×2 and ×3 upsampling, bottom-right padding.
+    const PREPS: [InputPrep; 4] = [
+        InputPrep::NONE,
+        InputPrep {
+            upsample: 2,
+            pad_bottom_right: 0,
+        },
+        InputPrep {
+            upsample: 3,
+            pad_bottom_right: 0,
+        },
+        InputPrep {
+            upsample: 1,
+            pad_bottom_right: 1,
+        },
+    ];
+
+    /// Ours against candle's own convolution of the prepared input on shapes that exercise
+    /// every path: padding, strides, dilation, 1×1, tiles spanning images, odd sizes, and each
+    /// input preparation.
     #[test]
     fn matches_candle_convolution() {
         let cases = [
@@ -745,20 +914,22 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, co, &Device::Cpu).unwrap();
             let cfg = config(p, s, d);
             for bias in [None, Some(&bias)] {
-                let ours = conv2d(&x, &weight, bias, &cfg).unwrap();
-                let mut theirs = x.conv2d(&weight, p, s, d, 1).unwrap();
-                if let Some(bias) = bias {
-                    theirs = theirs
-                        .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
-                        .unwrap();
+                for prep in PREPS {
+                    let ours = conv2d(&x, &weight, bias, &cfg, prep).unwrap();
+                    let mut theirs = prep.apply(&x).unwrap().conv2d(&weight, p, s, d, 1).unwrap();
+                    if let Some(bias) = bias {
+                        theirs = theirs
+                            .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                            .unwrap();
+                    }
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let worst = max_abs_diff(&ours, &theirs);
+                    assert!(
+                        worst < 1e-4,
+                        "case {:?} {prep:?}: worst {worst}",
+                        (b, ci, h, w, co, k, p, s, d)
+                    );
                 }
-                assert_eq!(ours.dims(), theirs.dims());
-                let worst = max_abs_diff(&ours, &theirs);
-                assert!(
-                    worst < 1e-4,
-                    "case {:?}: worst {worst}",
-                    (b, ci, h, w, co, k, p, s, d)
-                );
             }
         }
     }
@@ -775,13 +946,16 @@ mod tests {
             assert!(!supports(&x, &w, &config(1, 1, 1)));
             return;
         }
-        for (b, ci, h, w, co, k, p, s) in [
+        for ((b, ci, h, w, co, k, p, s), prep) in [
             (2, 5, 9, 7, 6, 3, 1, 1),
             (1, 16, 20, 20, 8, 3, 1, 2),
             (2, 8, 6, 6, 4, 1, 0, 1),
             // Several tiles when more than one thread runs.
             (2, 7, 40, 40, 8, 3, 1, 1),
-        ] {
+        ]
+        .into_iter()
+        .zip(PREPS.iter().cycle())
+        {
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), d)
                 .unwrap()
                 .to_dtype(DType::BF16)
@@ -792,12 +966,13 @@ mod tests {
                 .unwrap();
             let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
             let cfg = config(p, s, 1);
-            let ours = conv2d(&x, &weight, Some(&bias), &cfg)
+            let prep = *prep;
+            let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
             let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg).unwrap();
+            let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep).unwrap();
             let scale = reference
                 .abs()
                 .unwrap()
@@ -813,12 +988,12 @@ mod tests {
             let packed = PackedKernel::pack(&weight).unwrap().unwrap();
             assert_eq!(packed.dims().to_vec(), weight.dims().to_vec());
             assert_eq!(max_abs_diff(&packed.weight().unwrap(), &weight), 0.0);
-            let with_packed = conv2d_packed(&x, &packed, Some(&bias), &cfg)
+            let with_packed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
             assert_eq!(max_abs_diff(&with_packed, &ours), 0.0);
-            assert!(conv2d_packed(&wide(&x), &packed, Some(&bias), &cfg).is_err());
+            assert!(conv2d_packed(&wide(&x), &packed, Some(&bias), &cfg, prep).is_err());
         }
     }
 
@@ -826,8 +1001,8 @@ mod tests {
     fn rejects_mismatched_channels() {
         let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let weight = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d(&x, &weight, None, &config(1, 1, 1)).is_err());
+        assert!(conv2d(&x, &weight, None, &config(1, 1, 1), InputPrep::NONE).is_err());
         let weight = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d(&x, &weight, None, &config(0, 1, 1)).is_err());
+        assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Module, Tensor, TensorId};
 use candle_nn::Conv2dConfig;
 
-use crate::kernels::conv2d::{self, PackedKernel};
+use crate::kernels::conv2d::{self, InputPrep, PackedKernel};
 
 /// candle-nn's `Conv2d`, except on the CPU: f32 convolutions, and bf16 ones where the CPU has
 /// AVX512-BF16, run through [`kernels::conv2d`](crate::kernels::conv2d) (about twice as fast as
@@ -99,30 +99,42 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv2d {
+    /// The convolution of `prep(x)`: on the CPU the kernel upsamples or pads while it gathers
+    /// its columns, so the prepared input is never written out; elsewhere it is made with
+    /// candle's operations first.
+    ///
+    /// # Errors
+    /// Shapes that do not fit, or a tensor operation fails.
+    pub fn forward_prepared(&self, x: &Tensor, prep: InputPrep) -> candle_core::Result<Tensor> {
         let (bias, config) = (self.bias.as_ref(), &self.config);
         let weight = match &self.weight {
             StoredKernel::Packed(p) if x.dtype() == DType::BF16 && x.device().is_cpu() => {
-                return conv2d::conv2d_packed(x, p, bias, config);
+                return conv2d::conv2d_packed(x, p, bias, config, prep);
             }
             StoredKernel::Packed(p) => &p.weight()?,
             StoredKernel::Plain(w) => w,
         };
         if conv2d::supports(x, weight, config) {
-            conv2d::conv2d(x, weight, bias, config)
+            conv2d::conv2d(x, weight, bias, config, prep)
         } else if x.dtype() == DType::BF16 && x.device().is_cpu() {
             let w = weight.to_dtype(DType::F32)?;
             let x = x.to_dtype(DType::F32)?;
             let y = if conv2d::supports(&x, &w, config) {
-                conv2d::conv2d(&x, &w, bias, config)?
+                conv2d::conv2d(&x, &w, bias, config, prep)?
             } else {
                 let b = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-                candle_nn::Conv2d::new(w, b, *config).forward(&x)?
+                candle_nn::Conv2d::new(w, b, *config).forward(&prep.apply(&x)?)?
             };
             y.to_dtype(DType::BF16)
         } else {
-            candle_nn::Conv2d::new(weight.clone(), bias.cloned(), *config).forward(x)
+            candle_nn::Conv2d::new(weight.clone(), bias.cloned(), *config).forward(&prep.apply(x)?)
         }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_prepared(x, InputPrep::NONE)
     }
 }

@@ -7,6 +7,7 @@ use candle_core::{Module, Tensor};
 use super::conv2d;
 use super::visit::{LayerMut, LayerVisitor};
 use crate::error::Result;
+use crate::kernels::conv2d::InputPrep;
 use crate::loading::Weights;
 
 /// A 3×3 convolution with stride 2 (weights under `conv`).
@@ -49,12 +50,12 @@ impl Downsample2D {
     /// # Errors
     /// Tensor failures.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.pad_right_bottom {
-            let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-            Ok(self.conv.forward(&x)?)
+        let prep = if self.pad_right_bottom {
+            InputPrep::pad_bottom_right(1)
         } else {
-            Ok(self.conv.forward(x)?)
-        }
+            InputPrep::NONE
+        };
+        Ok(self.conv.forward_prepared(x, prep)?)
     }
 }
 
@@ -91,6 +92,10 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        if (th, tw) == (2 * h, 2 * w) {
+            // The convolution reads every input value twice in each direction itself.
+            return Ok(self.conv.forward_prepared(x, InputPrep::upsample(2))?);
+        }
         let x = x.upsample_nearest2d(th, tw)?;
         Ok(self.conv.forward(&x)?)
     }
