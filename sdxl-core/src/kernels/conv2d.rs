@@ -339,7 +339,8 @@ impl ConvElement for f32 {
         dst: &mut [Self],
         threads: usize,
     ) -> candle_core::Result<()> {
-        gemm_f32(shape, a.plain()?, b, shape.n, bias, dst, shape.n, threads)
+        let dst = MatMut::row_major(dst, shape.m, shape.n).map_err(to_candle)?;
+        gemm_f32(shape, a.plain()?, b, shape.n, bias, dst, threads)
     }
 
     fn tile(
@@ -357,29 +358,32 @@ impl ConvElement for f32 {
         for (r, row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
             gather_row(g, x, tile, r, row);
         }
-        let product = prefix(product, g.c_out * n);
         let shape = GemmShape {
             m: g.c_out,
             n,
             k: g.k(),
         };
-        gemm_f32(shape, w.plain()?, cols, n, bias, product, n, threads)?;
+        let w = w.plain()?;
+        if let Some(view) = out.tile_view(g, tile)? {
+            return gemm_f32(shape, w, cols, n, bias, view, threads);
+        }
+        let product = prefix(product, g.c_out * n);
+        let view = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
+        gemm_f32(shape, w, cols, n, bias, view, threads)?;
         scatter_rows(g, product, tile, out);
         Ok(())
     }
 }
 
-/// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])` with the `gemm` crate, all row-major, `b` with
-/// row stride `b_stride`, `dst` with row stride `dst_stride`.
-#[allow(clippy::too_many_arguments)]
+/// `dst = a[m, k] · b[k, n] (+ bias[m])` with the `gemm` crate, `a` row-major, `b` with row
+/// stride `b_stride`, `dst` an `m x n` view with unit column stride.
 fn gemm_f32(
     shape: GemmShape,
     a: &[f32],
     b: &[f32],
     b_stride: usize,
     bias: Option<&[f32]>,
-    dst: &mut [f32],
-    dst_stride: usize,
+    mut dst: MatMut<'_, f32>,
     threads: usize,
 ) -> candle_core::Result<()> {
     let GemmShape { m, n, k } = shape;
@@ -388,13 +392,19 @@ fn gemm_f32(
     };
     if !fits(a.len(), m, k, k)
         || !fits(b.len(), k, b_stride, n)
-        || !fits(dst.len(), m, dst_stride, n)
+        || dst.rows() != m
+        || dst.cols() != n
+        || (n > 1 && dst.col_stride() != 1)
+        || bias.is_some_and(|bias| bias.len() < m)
     {
-        candle_core::bail!("conv2d: GEMM operands are smaller than their shapes")
+        candle_core::bail!("conv2d: GEMM operands do not match their shapes")
     }
+    let dst_stride = dst.row_stride();
+    let dst_ptr = dst.as_mut_ptr();
     if let Some(bias) = bias {
-        for (row, &value) in dst.chunks_mut(dst_stride.max(1)).zip(bias).take(m) {
-            row.iter_mut().take(n).for_each(|d| *d = value);
+        for (i, &value) in bias.iter().enumerate().take(m) {
+            // SAFETY: row i of the view: n elements with unit stride, exclusively borrowed.
+            unsafe { std::slice::from_raw_parts_mut(dst_ptr.add(i * dst_stride), n) }.fill(value);
         }
     }
     let parallelism = if threads > 1 {
@@ -402,14 +412,15 @@ fn gemm_f32(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the checks above keep every addressed element of a, b and dst inside its
-    // slice, and `dst` is borrowed mutably, so nothing else touches it meanwhile.
+    // SAFETY: the checks above keep every addressed element of a and b inside its slice and
+    // make dst an m x n view with unit column stride, whose elements `MatMut` guarantees to be
+    // valid and borrowed exclusively.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst_ptr,
             1,
             dst_stride as isize,
             bias.is_some(),
@@ -487,13 +498,16 @@ impl ConvElement for bf16 {
             };
             builder.set_row_pair(p, even, odd);
         }
-        let b = builder.finish();
-        let product = prefix(product, g.c_out * n);
+        let b = Rhs::Packed(builder.finish());
         let a = w.lhs(g.c_out, k)?;
-        let c = MatMut::new(product, g.c_out, n, n, 1).map_err(to_candle)?;
         let bias = bias.map_or(Bias::None, Bias::Rows);
-        bf16_gemm::gemm_bf16_operands(a, Rhs::Packed(b), bias, c, false, threads)
-            .map_err(to_candle)?;
+        if let Some(view) = out.tile_view(g, tile)? {
+            return bf16_gemm::gemm_bf16_operands(a, b, bias, view, false, threads)
+                .map_err(to_candle);
+        }
+        let product = prefix(product, g.c_out * n);
+        let c = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
+        bf16_gemm::gemm_bf16_operands(a, b, bias, c, false, threads).map_err(to_candle)?;
         scatter_rows(g, product, tile, out);
         Ok(())
     }
@@ -642,9 +656,36 @@ impl Geometry {
     }
 }
 
-/// A raw pointer to the output that tiles write to in disjoint places from several threads.
+/// A raw pointer to the NCHW output (`Geometry::out_dims`, allocated by `convolve`) that
+/// tiles write to in disjoint places from several threads.
 #[derive(Clone, Copy)]
 struct OutPtr<T>(*mut T);
+
+impl<T> OutPtr<T> {
+    /// The tile's part of the output as a `c_out x n` view when the tile lies within one
+    /// image: channel c's rows of the tile are contiguous, `out_h · out_w` apart. `None` for a
+    /// tile spanning images (its product goes through a scratch block).
+    fn tile_view(
+        &self,
+        g: &Geometry,
+        tile: TileRows,
+    ) -> candle_core::Result<Option<MatMut<'_, T>>> {
+        let last = tile.first + tile.count.max(1) - 1;
+        let image = tile.first / g.out_h;
+        if last / g.out_h != image || tile.count == 0 {
+            return Ok(None);
+        }
+        let offset = (image * g.c_out * g.out_h + tile.first % g.out_h) * g.out_w;
+        let n = tile.count * g.out_w;
+        // SAFETY: `convolve` allocated `batch · c_out · out_h · out_w` elements; rows
+        // `tile.first ..= last` of one image, in every channel, lie inside it and belong to
+        // this tile alone (tiles are disjoint row ranges), so nothing else reads or writes
+        // them while the view lives.
+        let view =
+            unsafe { MatMut::from_raw_parts(self.0.add(offset), g.c_out, n, g.positions(), 1) };
+        view.map(Some).map_err(to_candle)
+    }
+}
 // SAFETY: every tile writes only its own output rows (disjoint regions), and the buffer
 // outlives the parallel loop that uses the pointer.
 unsafe impl<T: Send> Send for OutPtr<T> {}
@@ -714,36 +755,29 @@ fn convolve<T: ConvElement>(
         return Ok(out);
     }
 
-    let total_rows = g.batch * g.out_h;
-    let tile_rows = tile_rows::<T>(g, threads);
-    let tiles = total_rows.div_ceil(tile_rows);
-    let gemm_threads = if tiles < threads { threads } else { 1 };
+    let tiles = plan_tiles::<T>(g, threads);
+    let gemm_threads = if tiles.len() < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let run_tile = |tile: usize| -> candle_core::Result<()> {
-        let first = tile * tile_rows;
-        let rows = TileRows {
-            first,
-            count: tile_rows.min(total_rows - first),
-        };
-        with_scratch::<T, _>(|scratch| T::tile(g, x, w, bias, rows, scratch, out_ptr, gemm_threads))
+    let run_tile = |&tile: &TileRows| -> candle_core::Result<()> {
+        with_scratch::<T, _>(|scratch| T::tile(g, x, w, bias, tile, scratch, out_ptr, gemm_threads))
     };
-    if tiles == 1 {
-        run_tile(0)?;
-    } else {
-        (0..tiles).into_par_iter().try_for_each(run_tile)?;
+    match tiles.as_slice() {
+        [tile] => run_tile(tile)?,
+        _ => tiles.par_iter().try_for_each(run_tile)?,
     }
     Ok(out)
 }
 
-/// Output rows per tile.
+/// The tiles: runs of output rows, each within one image.
 ///
 /// A tile's columns (`k x n`) should stay in cache while the GEMM sweeps the weight over them,
 /// so tiles are small ([`MIN_TILE_BYTES`]), except that every tile streams the whole weight
 /// from memory (and the f32 GEMM packs it again), so a tile's columns are at least as many
 /// bytes as the weight, up to [`MAX_TILE_BYTES`]. Tiles are at least [`MIN_TILE_COLUMNS`] wide
-/// and come in a multiple of the thread count so that no thread idles at the end; when one
-/// tile per thread would be narrower than that, a single tile runs on the GEMM's own threads.
-fn tile_rows<T>(g: &Geometry, threads: usize) -> usize {
+/// and, where the rows allow, come in a multiple of the thread count so that no thread idles
+/// at the end; when one tile per thread would be narrower than that, a single tile spanning
+/// every image runs on the GEMM's own threads.
+fn plan_tiles<T>(g: &Geometry, threads: usize) -> Vec<TileRows> {
     let total_rows = g.batch * g.out_h;
     let element = std::mem::size_of::<T>();
     let weight_bytes = g.c_out * g.k() * element;
@@ -751,13 +785,26 @@ fn tile_rows<T>(g: &Geometry, threads: usize) -> usize {
     let row_bytes = g.k() * g.out_w * element;
     let by_size = (tile_bytes / row_bytes.max(1)).max(1);
     let wide_enough = MIN_TILE_COLUMNS.div_ceil(g.out_w.max(1));
-    let by_threads = total_rows.div_ceil(threads);
-    if by_threads < wide_enough {
-        return total_rows;
+    if total_rows.div_ceil(threads) < wide_enough || g.out_h == 0 {
+        return vec![TileRows {
+            first: 0,
+            count: total_rows,
+        }];
     }
-    let rows = by_size.max(wide_enough).min(by_threads);
-    let tiles = total_rows.div_ceil(rows).next_multiple_of(threads);
-    total_rows.div_ceil(tiles)
+    let rows = by_size.max(wide_enough).min(g.out_h);
+    let mut per_image = g.out_h.div_ceil(rows);
+    while !(g.batch * per_image).is_multiple_of(threads) && per_image < g.out_h {
+        per_image += 1;
+    }
+    let rows = g.out_h.div_ceil(per_image);
+    (0..g.batch)
+        .flat_map(|image| {
+            (0..g.out_h).step_by(rows).map(move |first| TileRows {
+                first: image * g.out_h + first,
+                count: rows.min(g.out_h - first),
+            })
+        })
+        .collect()
 }
 
 /// Fills `row` (`tile.count · out_w` values) with row `r` of the tile's column matrix: the

@@ -100,18 +100,40 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
-/// A mutable `rows x cols` matrix view: element `(i, j)` is `data[i*row_stride + j*col_stride]`.
+/// A mutable `rows x cols` matrix view: element `(i, j)` is `ptr[i*row_stride + j*col_stride]`.
 ///
-/// The constructor checks that every element lies inside `data` and that distinct `(i, j)`
-/// name distinct elements (row-major-like or column-major-like strides), so that threads can
-/// write disjoint parts of it.
+/// Made from a slice ([`MatMut::new`], checked) or from a pointer into a buffer that other
+/// views share ([`MatMut::from_raw_parts`], for disjoint blocks written by several threads).
+/// Distinct `(i, j)` always name distinct elements (row-major-like or column-major-like
+/// strides), so that threads can write disjoint parts of it.
 #[derive(Debug)]
 pub struct MatMut<'a, T> {
-    pub(super) data: &'a mut [T],
+    pub(super) ptr: *mut T,
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) row_stride: usize,
     pub(super) col_stride: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a `MatMut` is an exclusive borrow of its elements, like `&mut [T]`.
+unsafe impl<T: Send> Send for MatMut<'_, T> {}
+
+/// Checks that distinct `(i, j)` of the view name distinct elements.
+fn check_distinct(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Result<()> {
+    let distinct = rows * cols <= 1
+        || (rows == 1 && col_stride >= 1)
+        || (cols == 1 && row_stride >= 1)
+        || (col_stride >= 1 && row_stride >= cols.saturating_mul(col_stride))
+        || (row_stride >= 1 && col_stride >= rows.saturating_mul(row_stride));
+    if distinct {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "output strides ({row_stride}, {col_stride}) make elements of a {rows}x{cols} \
+             matrix overlap"
+        )))
+    }
 }
 
 impl<'a, T> MatMut<'a, T> {
@@ -128,23 +150,45 @@ impl<'a, T> MatMut<'a, T> {
         col_stride: usize,
     ) -> Result<Self> {
         check_bounds(data.len(), rows, cols, row_stride, col_stride)?;
-        let distinct = rows * cols <= 1
-            || (rows == 1 && col_stride >= 1)
-            || (cols == 1 && row_stride >= 1)
-            || (col_stride >= 1 && row_stride >= cols.saturating_mul(col_stride))
-            || (row_stride >= 1 && col_stride >= rows.saturating_mul(row_stride));
-        if !distinct {
-            return Err(Error::invalid(format!(
-                "output strides ({row_stride}, {col_stride}) make elements of a {rows}x{cols} \
-                 matrix overlap"
-            )));
-        }
+        check_distinct(rows, cols, row_stride, col_stride)?;
         Ok(Self {
-            data,
+            ptr: data.as_mut_ptr(),
             rows,
             cols,
             row_stride,
             col_stride,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
+    /// A strided view of the elements `ptr[i*row_stride + j*col_stride]`, for a block of a
+    /// buffer whose other blocks other threads write meanwhile (a tile of an NCHW output).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if two elements of the view would share memory or the extent
+    /// overflows.
+    ///
+    /// # Safety
+    /// Every element of the view must lie in one allocation, be valid for writes of `T` for
+    /// `'a`, and be neither read nor written through anything else while the view lives.
+    pub unsafe fn from_raw_parts(
+        ptr: *mut T,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self> {
+        if rows > 0 && cols > 0 {
+            last_offset(rows, cols, row_stride, col_stride)?;
+        }
+        check_distinct(rows, cols, row_stride, col_stride)?;
+        Ok(Self {
+            ptr,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+            _borrow: std::marker::PhantomData,
         })
     }
 
@@ -164,5 +208,20 @@ impl<'a, T> MatMut<'a, T> {
     /// Number of columns.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Elements between consecutive rows.
+    pub fn row_stride(&self) -> usize {
+        self.row_stride
+    }
+
+    /// Elements between consecutive columns.
+    pub fn col_stride(&self) -> usize {
+        self.col_stride
+    }
+
+    /// The pointer to element `(0, 0)`, for writing the view's elements.
+    pub fn as_mut_ptr(&mut self) -> *mut T {
+        self.ptr
     }
 }

@@ -381,7 +381,7 @@ fn gemm_with<O: GemmOutput>(
         return Ok(());
     }
     let out = OutPtr {
-        ptr: c.data.as_mut_ptr(),
+        ptr: c.ptr,
         row_stride: c.row_stride,
         col_stride: c.col_stride,
         rows: m,
@@ -391,7 +391,10 @@ fn gemm_with<O: GemmOutput>(
         // No products: C (+)= bias (zero without one).
         for i in 0..m {
             for j in 0..n {
-                if let Some(x) = c.data.get_mut(i * c.row_stride + j * c.col_stride) {
+                // SAFETY: (i, j) is inside the view, whose elements `MatMut`'s constructors
+                // guarantee to be valid and exclusively borrowed.
+                unsafe {
+                    let x = c.ptr.add(i * c.row_stride + j * c.col_stride);
                     *x = O::combine(*x, bias.at(i, j), accumulate);
                 }
             }
