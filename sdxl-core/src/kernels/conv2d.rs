@@ -108,7 +108,9 @@ pub fn supports(x: &Tensor, weight: &Tensor, config: &Conv2dConfig) -> bool {
         && weight.rank() == 4
 }
 
-/// `conv2d(prep(x), weight) + bias` in NCHW for the tensors [`supports`] accepts.
+/// `conv2d(prep(x), weight) + bias (+ residual)` in NCHW for the tensors [`supports`]
+/// accepts. A `residual` (a tensor of the output's shape and dtype, e.g. a ResNet block's
+/// shortcut) is added in the GEMM's accumulation, rounded once with the products.
 ///
 /// # Errors
 /// Shapes that do not fit together, or tensors [`supports`] refuses.
@@ -118,10 +120,11 @@ pub fn conv2d(
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
     prep: InputPrep,
+    residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     match x.dtype() {
-        DType::F32 => conv2d_typed::<f32>(x, weight, bias, config, prep),
-        DType::BF16 => conv2d_typed::<bf16>(x, weight, bias, config, prep),
+        DType::F32 => conv2d_typed::<f32>(x, weight, bias, config, prep, residual),
+        DType::BF16 => conv2d_typed::<bf16>(x, weight, bias, config, prep, residual),
         other => candle_core::bail!("conv2d kernel: unsupported dtype {other:?}"),
     }
 }
@@ -200,6 +203,7 @@ pub fn conv2d_packed(
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
     prep: InputPrep,
+    residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     if x.dtype() != DType::BF16 || !x.device().is_cpu() || config.groups != 1 {
         candle_core::bail!(
@@ -216,13 +220,44 @@ pub fn conv2d_packed(
     let x_data = cpu_slice::<bf16>(&x_storage, x_layout)?;
     let panels = cpu_slice::<u32>(&p_storage, p_layout)?;
     let packed = PackedA::new(panels, geometry.c_out, geometry.k()).map_err(to_candle)?;
-    let out = convolve(
-        &geometry,
-        x_data,
-        KernelRef::Packed(packed),
-        bias.as_deref(),
-    )?;
+    let residual = checked_residual(residual, &geometry, DType::BF16)?;
+    let guard = residual.as_ref().map(Tensor::storage_and_layout);
+    let post = Epilogue {
+        bias: bias.as_deref(),
+        residual: guard
+            .as_ref()
+            .map(|(storage, layout)| cpu_slice::<bf16>(storage, layout))
+            .transpose()?,
+    };
+    let out = convolve(&geometry, x_data, KernelRef::Packed(packed), post)?;
     Tensor::from_vec(out, geometry.out_dims(), &Device::Cpu)
+}
+
+/// The residual as a contiguous tensor, checked to have the output's shape and `dtype`.
+fn checked_residual(
+    residual: Option<&Tensor>,
+    g: &Geometry,
+    dtype: DType,
+) -> candle_core::Result<Option<Tensor>> {
+    let Some(r) = residual else { return Ok(None) };
+    if r.dims() != g.out_dims().as_slice() || r.dtype() != dtype || !r.device().is_cpu() {
+        candle_core::bail!(
+            "conv2d: the residual is {:?} {:?} on {:?}, the output {:?} {dtype:?} on the CPU",
+            r.dims(),
+            r.dtype(),
+            r.device(),
+            g.out_dims()
+        )
+    }
+    Ok(Some(r.contiguous()?))
+}
+
+/// What the convolution adds to its products before the single store (and rounding): a
+/// per-channel bias and a residual with the output's layout.
+#[derive(Debug, Clone, Copy)]
+struct Epilogue<'a, T> {
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [T]>,
 }
 
 /// The bias as f32 values, checked to have `c_out` of them.
@@ -249,24 +284,27 @@ trait ConvElement: WithDType + Default {
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>>;
 
     /// `dst[m, n] = a[m, k] · b[k, n] (+ bias[m])`, all row-major, `b` and `dst` with row
-    /// stride `n` (a pointwise convolution of one image).
+    /// stride `n` (a pointwise convolution of one image), plus `dst`'s values when
+    /// `accumulate`.
     fn pointwise(
         shape: GemmShape,
         a: KernelRef<'_, Self>,
         b: &[Self],
         bias: Option<&[f32]>,
         dst: &mut [Self],
+        accumulate: bool,
         threads: usize,
     ) -> candle_core::Result<()>;
 
     /// The output rows `tile` (counted across the batch) of the convolution: gathers their
-    /// columns, multiplies the weight `w` by them (+ bias) and writes the rows to `out`.
+    /// columns, multiplies the weight `w` by them (+ the epilogue) and writes the rows to
+    /// `out`.
     #[allow(clippy::too_many_arguments)]
     fn tile(
         g: &Geometry,
         x: &[Self],
         w: KernelRef<'_, Self>,
-        bias: Option<&[f32]>,
+        post: Epilogue<'_, Self>,
         tile: TileRows,
         scratch: &mut Self::Scratch,
         out: OutPtr<Self>,
@@ -337,17 +375,27 @@ impl ConvElement for f32 {
         b: &[Self],
         bias: Option<&[f32]>,
         dst: &mut [Self],
+        accumulate: bool,
         threads: usize,
     ) -> candle_core::Result<()> {
         let dst = MatMut::row_major(dst, shape.m, shape.n).map_err(to_candle)?;
-        gemm_f32(shape, a.plain()?, b, shape.n, bias, dst, threads)
+        gemm_f32(
+            shape,
+            a.plain()?,
+            b,
+            shape.n,
+            bias,
+            dst,
+            accumulate,
+            threads,
+        )
     }
 
     fn tile(
         g: &Geometry,
         x: &[Self],
         w: KernelRef<'_, Self>,
-        bias: Option<&[f32]>,
+        post: Epilogue<'_, Self>,
         tile: TileRows,
         (cols, product): &mut Self::Scratch,
         out: OutPtr<Self>,
@@ -364,19 +412,23 @@ impl ConvElement for f32 {
             k: g.k(),
         };
         let w = w.plain()?;
-        if let Some(view) = out.tile_view(g, tile)? {
-            return gemm_f32(shape, w, cols, n, bias, view, threads);
+        let accumulate = post.residual.is_some();
+        if let Some(mut view) = out.tile_view(g, tile)? {
+            load_residual(g, post.residual, tile, &mut view);
+            return gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads);
         }
         let product = prefix(product, g.c_out * n);
-        let view = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
-        gemm_f32(shape, w, cols, n, bias, view, threads)?;
+        let mut view = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
+        load_residual(g, post.residual, tile, &mut view);
+        gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)?;
         scatter_rows(g, product, tile, out);
         Ok(())
     }
 }
 
-/// `dst = a[m, k] · b[k, n] (+ bias[m])` with the `gemm` crate, `a` row-major, `b` with row
-/// stride `b_stride`, `dst` an `m x n` view with unit column stride.
+/// `dst (+)= a[m, k] · b[k, n] (+ bias[m])` with the `gemm` crate, `a` row-major, `b` with
+/// row stride `b_stride`, `dst` an `m x n` view with unit column stride.
+#[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     shape: GemmShape,
     a: &[f32],
@@ -384,6 +436,7 @@ fn gemm_f32(
     b_stride: usize,
     bias: Option<&[f32]>,
     mut dst: MatMut<'_, f32>,
+    accumulate: bool,
     threads: usize,
 ) -> candle_core::Result<()> {
     let GemmShape { m, n, k } = shape;
@@ -399,14 +452,19 @@ fn gemm_f32(
     {
         candle_core::bail!("conv2d: GEMM operands do not match their shapes")
     }
-    let dst_stride = dst.row_stride();
-    let dst_ptr = dst.as_mut_ptr();
     if let Some(bias) = bias {
         for (i, &value) in bias.iter().enumerate().take(m) {
-            // SAFETY: row i of the view: n elements with unit stride, exclusively borrowed.
-            unsafe { std::slice::from_raw_parts_mut(dst_ptr.add(i * dst_stride), n) }.fill(value);
+            if let Some(row) = dst.row_mut(i) {
+                if accumulate {
+                    row.iter_mut().for_each(|d| *d += value);
+                } else {
+                    row.fill(value);
+                }
+            }
         }
     }
+    let dst_stride = dst.row_stride();
+    let dst_ptr = dst.as_mut_ptr();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -423,7 +481,7 @@ fn gemm_f32(
             dst_ptr,
             1,
             dst_stride as isize,
-            bias.is_some(),
+            accumulate || bias.is_some(),
             a.as_ptr(),
             1,
             k as isize,
@@ -460,6 +518,7 @@ impl ConvElement for bf16 {
         b: &[Self],
         bias: Option<&[f32]>,
         dst: &mut [Self],
+        accumulate: bool,
         threads: usize,
     ) -> candle_core::Result<()> {
         let GemmShape { m, n, k } = shape;
@@ -467,7 +526,8 @@ impl ConvElement for bf16 {
         let b = MatRef::new(b, k, n, n, 1).map_err(to_candle)?;
         let c = MatMut::new(dst, m, n, n, 1).map_err(to_candle)?;
         let bias = bias.map_or(Bias::None, Bias::Rows);
-        bf16_gemm::gemm_bf16_operands(a, Rhs::Matrix(b), bias, c, false, threads).map_err(to_candle)
+        bf16_gemm::gemm_bf16_operands(a, Rhs::Matrix(b), bias, c, accumulate, threads)
+            .map_err(to_candle)
     }
 
     /// Gathers the columns straight into the GEMM's packed k-pair panels (two column rows at a
@@ -477,7 +537,7 @@ impl ConvElement for bf16 {
         g: &Geometry,
         x: &[Self],
         w: KernelRef<'_, Self>,
-        bias: Option<&[f32]>,
+        post: Epilogue<'_, Self>,
         tile: TileRows,
         (pair, packed, product): &mut Self::Scratch,
         out: OutPtr<Self>,
@@ -500,14 +560,17 @@ impl ConvElement for bf16 {
         }
         let b = Rhs::Packed(builder.finish());
         let a = w.lhs(g.c_out, k)?;
-        let bias = bias.map_or(Bias::None, Bias::Rows);
-        if let Some(view) = out.tile_view(g, tile)? {
-            return bf16_gemm::gemm_bf16_operands(a, b, bias, view, false, threads)
+        let bias = post.bias.map_or(Bias::None, Bias::Rows);
+        let accumulate = post.residual.is_some();
+        if let Some(mut view) = out.tile_view(g, tile)? {
+            load_residual(g, post.residual, tile, &mut view);
+            return bf16_gemm::gemm_bf16_operands(a, b, bias, view, accumulate, threads)
                 .map_err(to_candle);
         }
         let product = prefix(product, g.c_out * n);
-        let c = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
-        bf16_gemm::gemm_bf16_operands(a, b, bias, c, false, threads).map_err(to_candle)?;
+        let mut c = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
+        load_residual(g, post.residual, tile, &mut c);
+        bf16_gemm::gemm_bf16_operands(a, b, bias, c, accumulate, threads).map_err(to_candle)?;
         scatter_rows(g, product, tile, out);
         Ok(())
     }
@@ -698,6 +761,7 @@ fn conv2d_typed<T: ConvElement>(
     bias: Option<&Tensor>,
     config: &Conv2dConfig,
     prep: InputPrep,
+    residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let geometry = Geometry::new(x.dims(), weight.dims(), config, prep)?;
     let bias = bias_values(bias, geometry.c_out)?;
@@ -707,7 +771,16 @@ fn conv2d_typed<T: ConvElement>(
     let (w_storage, w_layout) = weight.storage_and_layout();
     let x_data = cpu_slice::<T>(&x_storage, x_layout)?;
     let w_data = cpu_slice::<T>(&w_storage, w_layout)?;
-    let out = convolve(&geometry, x_data, KernelRef::Plain(w_data), bias.as_deref())?;
+    let residual = checked_residual(residual, &geometry, T::DTYPE)?;
+    let guard = residual.as_ref().map(Tensor::storage_and_layout);
+    let post = Epilogue {
+        bias: bias.as_deref(),
+        residual: guard
+            .as_ref()
+            .map(|(storage, layout)| cpu_slice::<T>(storage, layout))
+            .transpose()?,
+    };
+    let out = convolve(&geometry, x_data, KernelRef::Plain(w_data), post)?;
     Tensor::from_vec(out, geometry.out_dims(), &Device::Cpu)
 }
 
@@ -731,17 +804,25 @@ fn convolve<T: ConvElement>(
     g: &Geometry,
     x: &[T],
     w: KernelRef<'_, T>,
-    bias: Option<&[f32]>,
+    post: Epilogue<'_, T>,
 ) -> candle_core::Result<Vec<T>> {
     let positions = g.positions();
     let image_out = g.c_out * positions;
-    if x.len() != g.input_len() || !w.fits(g.c_out, g.k()) {
+    if x.len() != g.input_len()
+        || !w.fits(g.c_out, g.k())
+        || post
+            .residual
+            .is_some_and(|r| r.len() != g.batch * image_out)
+    {
         candle_core::bail!("conv2d: tensor sizes do not match their shapes")
     }
-    let mut out = T::zeroed(g.batch * image_out);
     let threads = candle_core::utils::get_num_threads().max(1);
 
     if g.is_pointwise() {
+        let mut out = match post.residual {
+            Some(residual) => residual.to_vec(),
+            None => T::zeroed(g.batch * image_out),
+        };
         let image_in = g.c_in * g.src_height * g.src_width;
         for (image, dst) in out.chunks_exact_mut(image_out.max(1)).enumerate() {
             let src = x.get(image * image_in..).unwrap_or_default();
@@ -750,22 +831,44 @@ fn convolve<T: ConvElement>(
                 n: positions,
                 k: g.c_in,
             };
-            T::pointwise(shape, w, src, bias, dst, threads)?;
+            let accumulate = post.residual.is_some();
+            T::pointwise(shape, w, src, post.bias, dst, accumulate, threads)?;
         }
         return Ok(out);
     }
 
+    let mut out = T::zeroed(g.batch * image_out);
     let tiles = plan_tiles::<T>(g, threads);
     let gemm_threads = if tiles.len() < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run_tile = |&tile: &TileRows| -> candle_core::Result<()> {
-        with_scratch::<T, _>(|scratch| T::tile(g, x, w, bias, tile, scratch, out_ptr, gemm_threads))
+        with_scratch::<T, _>(|scratch| T::tile(g, x, w, post, tile, scratch, out_ptr, gemm_threads))
     };
     match tiles.as_slice() {
         [tile] => run_tile(tile)?,
         _ => tiles.par_iter().try_for_each(run_tile)?,
     }
     Ok(out)
+}
+
+/// Copies the tile's rows of `residual` (the output's layout) into `dst`, the tile's
+/// `c_out x n` block (unit column stride), for the GEMM to accumulate onto.
+fn load_residual<T: Copy>(
+    g: &Geometry,
+    residual: Option<&[T]>,
+    tile: TileRows,
+    dst: &mut MatMut<'_, T>,
+) {
+    let Some(residual) = residual else { return };
+    for c in 0..g.c_out {
+        let Some(row) = dst.row_mut(c) else { return };
+        for (i, chunk) in row.chunks_exact_mut(g.out_w).enumerate() {
+            let global_row = tile.first + i;
+            let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
+            let offset = ((image * g.c_out + c) * g.out_h + oh) * g.out_w;
+            chunk.copy_from_slice(&residual[offset..offset + g.out_w]);
+        }
+    }
 }
 
 /// The tiles: runs of output rows, each within one image.
@@ -962,7 +1065,7 @@ mod tests {
             let cfg = config(p, s, d);
             for bias in [None, Some(&bias)] {
                 for prep in PREPS {
-                    let ours = conv2d(&x, &weight, bias, &cfg, prep).unwrap();
+                    let ours = conv2d(&x, &weight, bias, &cfg, prep, None).unwrap();
                     let mut theirs = prep.apply(&x).unwrap().conv2d(&weight, p, s, d, 1).unwrap();
                     if let Some(bias) = bias {
                         theirs = theirs
@@ -970,11 +1073,16 @@ mod tests {
                             .unwrap();
                     }
                     assert_eq!(ours.dims(), theirs.dims());
+                    let case = (b, ci, h, w, co, k, p, s, d);
                     let worst = max_abs_diff(&ours, &theirs);
+                    assert!(worst < 1e-4, "case {case:?} {prep:?}: worst {worst}");
+                    // A residual accumulated onto the products.
+                    let residual = Tensor::randn(0f32, 1.0, theirs.dims(), &Device::Cpu).unwrap();
+                    let summed = conv2d(&x, &weight, bias, &cfg, prep, Some(&residual)).unwrap();
+                    let worst = max_abs_diff(&summed, &(theirs + &residual).unwrap());
                     assert!(
                         worst < 1e-4,
-                        "case {:?} {prep:?}: worst {worst}",
-                        (b, ci, h, w, co, k, p, s, d)
+                        "case {case:?} {prep:?} + residual: worst {worst}"
                     );
                 }
             }
@@ -1014,12 +1122,13 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
             let cfg = config(p, s, 1);
             let prep = *prep;
-            let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep)
+            let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep, None)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
             let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep).unwrap();
+            let reference =
+                conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None).unwrap();
             let scale = reference
                 .abs()
                 .unwrap()
@@ -1035,12 +1144,26 @@ mod tests {
             let packed = PackedKernel::pack(&weight).unwrap().unwrap();
             assert_eq!(packed.dims().to_vec(), weight.dims().to_vec());
             assert_eq!(max_abs_diff(&packed.weight().unwrap(), &weight), 0.0);
-            let with_packed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep)
+            let with_packed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, None)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
             assert_eq!(max_abs_diff(&with_packed, &ours), 0.0);
-            assert!(conv2d_packed(&wide(&x), &packed, Some(&bias), &cfg, prep).is_err());
+            assert!(conv2d_packed(&wide(&x), &packed, Some(&bias), &cfg, prep, None).is_err());
+            // A bf16 residual is added to the f32 sums before the one rounding.
+            let residual = Tensor::randn(0f32, 1.0, reference.dims(), d)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let summed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, Some(&residual))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let expected = (&reference + wide(&residual)).unwrap();
+            let worst = max_abs_diff(&summed, &expected);
+            assert!(worst <= (scale + 4.0) / 256.0, "residual: worst {worst}");
+            let wrong = Tensor::zeros((1, 1, 1, 1), DType::BF16, d).unwrap();
+            assert!(conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, Some(&wrong)).is_err());
         }
     }
 
@@ -1048,8 +1171,8 @@ mod tests {
     fn rejects_mismatched_channels() {
         let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let weight = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d(&x, &weight, None, &config(1, 1, 1), InputPrep::NONE).is_err());
+        assert!(conv2d(&x, &weight, None, &config(1, 1, 1), InputPrep::NONE, None).is_err());
         let weight = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE).is_err());
+        assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE, None).is_err());
     }
 }

@@ -107,34 +107,60 @@ impl Conv2d {
     /// # Errors
     /// Shapes that do not fit, or a tensor operation fails.
     pub fn forward_prepared(&self, x: &Tensor, prep: InputPrep) -> candle_core::Result<Tensor> {
+        self.forward_with(x, prep, None)
+    }
+
+    /// `conv(x) + residual` (a residual connection: `residual` has the output's shape). On
+    /// the CPU the kernel accumulates its products onto the residual, so the sum is one pass
+    /// over the output and, in bf16, rounded once.
+    ///
+    /// # Errors
+    /// Shapes that do not fit, or a tensor operation fails.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, InputPrep::NONE, Some(residual))
+    }
+
+    /// `conv(prep(x)) (+ residual)` on the fastest path for the device and dtype.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        prep: InputPrep,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (bias, config) = (self.bias.as_ref(), &self.config);
         let weight = match &self.weight {
             StoredKernel::Packed(p) if x.dtype() == DType::BF16 && x.device().is_cpu() => {
-                return conv2d::conv2d_packed(x, p, bias, config, prep);
+                return conv2d::conv2d_packed(x, p, bias, config, prep, residual);
             }
             StoredKernel::Packed(p) => &p.weight()?,
             StoredKernel::Plain(w) => w,
         };
         if conv2d::supports(x, weight, config) {
-            conv2d::conv2d(x, weight, bias, config, prep)
-        } else if x.dtype() == DType::BF16 && x.device().is_cpu() {
+            return conv2d::conv2d(x, weight, bias, config, prep, residual);
+        }
+        let y = if x.dtype() == DType::BF16 && x.device().is_cpu() {
             let w = weight.to_dtype(DType::F32)?;
             let x = x.to_dtype(DType::F32)?;
             let y = if conv2d::supports(&x, &w, config) {
-                conv2d::conv2d(&x, &w, bias, config, prep)?
+                conv2d::conv2d(&x, &w, bias, config, prep, None)?
             } else {
                 let b = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
                 candle_nn::Conv2d::new(w, b, *config).forward(&prep.apply(&x)?)?
             };
-            y.to_dtype(DType::BF16)
+            y.to_dtype(DType::BF16)?
         } else {
-            candle_nn::Conv2d::new(weight.clone(), bias.cloned(), *config).forward(&prep.apply(x)?)
+            candle_nn::Conv2d::new(weight.clone(), bias.cloned(), *config)
+                .forward(&prep.apply(x)?)?
+        };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
         }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_prepared(x, InputPrep::NONE)
+        self.forward_with(x, InputPrep::NONE, None)
     }
 }

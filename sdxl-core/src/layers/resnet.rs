@@ -101,11 +101,11 @@ impl ResnetBlock2D {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        Ok((shortcut + h)?)
+        let h = self.norm2.forward_silu(&h)?;
+        Ok(self.conv2.forward_residual(&h, &shortcut)?)
     }
 }

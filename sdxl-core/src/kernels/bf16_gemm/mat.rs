@@ -224,4 +224,17 @@ impl<'a, T> MatMut<'a, T> {
     pub fn as_mut_ptr(&mut self) -> *mut T {
         self.ptr
     }
+
+    /// Row `i` as a slice, for views with unit column stride (`None` otherwise, or when `i`
+    /// is not a row).
+    pub fn row_mut(&mut self, i: usize) -> Option<&mut [T]> {
+        if i >= self.rows || (self.cols > 1 && self.col_stride != 1) {
+            return None;
+        }
+        // SAFETY: the row's `cols` elements are consecutive (unit column stride), inside the
+        // view and borrowed exclusively through `self` (guaranteed by the constructors).
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_stride), self.cols)
+        })
+    }
 }
