@@ -8,7 +8,7 @@
 //! unequal batch dims) is candle's own `Tensor::matmul`, so results and errors match candle's.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, TensorId};
-use half::bf16;
+use half::{bf16, vec::HalfBitsVecExt};
 
 use super::bf16_gemm::{
     gemm_bf16_bias, gemm_bf16_operands, native_available, pack_b, Bias, Lhs, MatMut, MatRef,
@@ -141,12 +141,19 @@ impl PackedWeight {
         )
     }
 
-    /// `x . weightᵀ + bias` for a bf16 `x [..., in]` and `bias [out]`, with the bias added in
-    /// f32 before the single rounding to bf16.
+    /// `x . weightᵀ + bias (+ residual)` for a bf16 `x [..., in]`, `bias [out]` and a bf16
+    /// `residual [..., out]` (a residual connection), both added in f32 before the single
+    /// rounding to bf16.
     ///
     /// # Errors
-    /// `x` not bf16 or not ending in `in`, a bias of another length, or a tensor failure.
-    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// `x` not bf16 or not ending in `in`, a bias of another length, a residual of another
+    /// shape or dtype, or a tensor failure.
+    pub fn linear(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let Some((&last, lead)) = dims.split_last() else {
             candle_core::bail!("linear: input must have at least one dim")
@@ -171,24 +178,57 @@ impl PackedWeight {
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features);
+        let residual = match residual {
+            Some(r) if r.dims() == out_dims.as_slice() && r.dtype() == DType::BF16 => {
+                Some(r.contiguous()?)
+            }
+            Some(r) => candle_core::bail!(
+                "packed linear: residual {:?} {:?} is not bf16 {out_dims:?}",
+                r.dims(),
+                r.dtype()
+            ),
+            None => None,
+        };
         let op = PackedLinear {
             in_features: self.in_features,
             out_features: self.out_features,
             threads: candle_core::utils::get_num_threads(),
             col_bias,
+            residual,
         };
-        let mut out_dims = lead.to_vec();
-        out_dims.push(self.out_features);
         x2.apply_op2_no_bwd(&self.panels, &op)?.reshape(out_dims)
     }
 }
 
-/// `x . Wᵀ (+ bias)` with `W` packed, as a candle custom op (forward only).
+/// `x . Wᵀ (+ bias) (+ residual)` with `W` packed, as a candle custom op (forward only).
 struct PackedLinear {
     in_features: usize,
     out_features: usize,
     threads: usize,
     col_bias: Option<Vec<f32>>,
+    /// A contiguous bf16 tensor of the output's size, the GEMM's starting values.
+    residual: Option<Tensor>,
+}
+
+impl PackedLinear {
+    /// The output buffer: the residual's values, or zeros (calloc'd, so that the GEMM's
+    /// threads fault the pages in instead of this one writing zeros first).
+    fn initial_output(&self, len: usize) -> candle_core::Result<Vec<bf16>> {
+        let Some(residual) = &self.residual else {
+            return Ok(vec![0u16; len].reinterpret_into());
+        };
+        let (storage, layout) = residual.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("packed linear: the residual is not on the CPU")
+        };
+        let start = layout.start_offset();
+        match cpu.as_slice::<bf16>()?.get(start..start + len) {
+            Some(values) if layout.shape().elem_count() == len => Ok(values.to_vec()),
+            _ => candle_core::bail!("packed linear: the residual does not fit the output"),
+        }
+    }
 }
 
 impl CustomOp2 for PackedLinear {
@@ -218,11 +258,19 @@ impl CustomOp2 for PackedLinear {
             .unwrap_or(&[]);
         let a = MatRef::new(x, m, k, rs, cs).map_err(to_candle)?;
         let b = PackedB::new(panels, k, n).map_err(to_candle)?;
-        let mut out = vec![bf16::ZERO; m * n];
+        let mut out = self.initial_output(m * n)?;
         let c = MatMut::row_major(&mut out, m, n).map_err(to_candle)?;
         let bias = self.col_bias.as_deref().map_or(Bias::None, Bias::Cols);
-        gemm_bf16_operands(Lhs::Matrix(a), Rhs::Packed(b), bias, c, false, self.threads)
-            .map_err(to_candle)?;
+        let accumulate = self.residual.is_some();
+        gemm_bf16_operands(
+            Lhs::Matrix(a),
+            Rhs::Packed(b),
+            bias,
+            c,
+            accumulate,
+            self.threads,
+        )
+        .map_err(to_candle)?;
         Ok((CpuStorage::BF16(out), Shape::from((m, n))))
     }
 }

@@ -105,8 +105,19 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Linear {
+    /// `x · Wᵀ + b + residual` (a residual connection: `residual` has the output's shape). On
+    /// the CPU with a packed bf16 weight the GEMM accumulates onto the residual, so the sum
+    /// is one pass over the output, rounded once.
+    ///
+    /// # Errors
+    /// Shapes that do not fit, or a tensor operation fails.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, Some(residual))
+    }
+
+    /// `x · Wᵀ + b (+ residual)` on the fastest path for the device and dtype.
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         // A strided lhs with a broadcast rhs hits a candle 0.11 matmul bug; contiguous inputs
         // also let candle fold the batch into one GEMM.
         let x = if x.is_contiguous() {
@@ -115,19 +126,33 @@ impl Module for Linear {
             x.contiguous()?
         };
         let weight_t = match &self.weight {
-            StoredWeight::Packed(p) => return p.linear(&x, self.bias.as_ref()),
+            StoredWeight::Packed(p) if residual.is_none_or(|r| r.dtype() == DType::BF16) => {
+                return p.linear(&x, self.bias.as_ref(), residual);
+            }
+            StoredWeight::Packed(p) => &p.weight()?.t()?,
             StoredWeight::Transposed(w) => w,
         };
-        if x.dtype() == DType::BF16 && x.device().is_cpu() {
+        let y = if x.dtype() == DType::BF16 && x.device().is_cpu() {
             // Native bf16 GEMM with the bias fused before the rounding (falls back to candle
             // on CPUs without AVX512-BF16).
-            return matmul::linear(&x, &weight_t.t()?, self.bias.as_ref());
-        }
-        let y = x.broadcast_matmul(weight_t)?;
-        match &self.bias {
-            Some(bias) => y.broadcast_add(bias),
+            matmul::linear(&x, &weight_t.t()?, self.bias.as_ref())?
+        } else {
+            let y = x.broadcast_matmul(weight_t)?;
+            match &self.bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y,
+            }
+        };
+        match residual {
+            Some(r) => y + r,
             None => Ok(y),
         }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, None)
     }
 }
 
@@ -135,7 +160,7 @@ impl Module for Linear {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use candle_core::{Device, IndexOp};
+    use candle_core::{DType, Device, IndexOp};
 
     use super::*;
     use crate::test_support::max_abs_diff;
@@ -159,5 +184,28 @@ mod tests {
         assert_eq!(ours.weight().unwrap().dims(), w.dims());
         assert_eq!(ours.weight_dims(), (7, 5));
         assert_eq!(ours.weight_id(), ours.weight_id());
+    }
+
+    /// `forward_residual` equals `forward` plus the residual: exactly in f32, and in bf16
+    /// (the packed GEMM, which rounds the sum once) within the two roundings of the unfused
+    /// sum. A residual of another shape is an error.
+    #[test]
+    fn residual_is_added_inside_the_projection() {
+        let d = &Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 40), d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 6, d).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 40), d).unwrap();
+        let r = Tensor::randn(0f32, 4.0, (2, 3, 6), d).unwrap();
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 0.25)] {
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let layer = Linear::new(cast(&w), Some(cast(&b))).unwrap();
+            let wide = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            let unfused = (wide(layer.forward(&cast(&x)).unwrap()) + wide(cast(&r))).unwrap();
+            let fused = wide(layer.forward_residual(&cast(&x), &cast(&r)).unwrap());
+            let worst = max_abs_diff(&fused, &unfused);
+            assert!(worst <= tolerance, "{dtype:?}: worst {worst}");
+            let wrong = Tensor::zeros((2, 3, 5), dtype, d).unwrap();
+            assert!(layer.forward_residual(&cast(&x), &wrong).is_err());
+        }
     }
 }

@@ -94,11 +94,35 @@ impl Attention {
     /// # Errors
     /// Tensor shape or device failures.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(x, context, None)
+    }
+
+    /// [`forward`](Self::forward) plus `residual` (`[B, N, query_dim]`), added inside the
+    /// output projection.
+    ///
+    /// # Errors
+    /// Tensor shape or device failures.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with(x, context, Some(residual))
+    }
+
+    /// The attention, with `residual` added by the output projection when given.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let context = context.unwrap_or(x);
         #[cfg(feature = "flash-attn")]
         if x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16) {
-            return self.forward_flash(x, context);
+            return self.forward_flash(x, context, residual);
         }
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
@@ -109,9 +133,8 @@ impl Attention {
                 scale: self.scale as f32,
                 causal: false,
             };
-            return Ok(self
-                .to_out
-                .forward(&attention::attention(&q, &k, &v, spec)?)?);
+            let out = attention::attention(&q, &k, &v, spec)?;
+            return self.project_out(&out, residual);
         }
         let q = self.split_heads(&q)?;
         let k = self.split_heads(&k)?;
@@ -122,7 +145,15 @@ impl Attention {
             .reshape((b, self.heads, n, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
-        Ok(self.to_out.forward(&out)?)
+        self.project_out(&out, residual)
+    }
+
+    /// `to_out.0` (plus the residual).
+    fn project_out(&self, out: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        Ok(match residual {
+            Some(r) => self.to_out.forward_residual(out, r)?,
+            None => self.to_out.forward(out)?,
+        })
     }
 }
 
@@ -130,7 +161,12 @@ impl Attention {
 impl Attention {
     /// The fused flash-attention kernel (CUDA, f16/bf16): `[B, N, heads, head_dim]` layout, no
     /// score matrix in memory.
-    fn forward_flash(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward_flash(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let m = context.dim(1)?;
         let q = self
@@ -146,9 +182,7 @@ impl Attention {
             .forward(context)?
             .reshape((b, m, self.heads, self.head_dim))?;
         let out = candle_flash_attn::flash_attn(&q, &k, &v, self.scale as f32, false)?;
-        Ok(self
-            .to_out
-            .forward(&out.reshape((b, n, self.heads * self.head_dim))?)?)
+        self.project_out(&out.reshape((b, n, self.heads * self.head_dim))?, residual)
     }
 }
 
@@ -198,19 +232,22 @@ impl FeedForward {
         f(&format!("{prefix}.net.2"), &mut self.proj_out)
     }
 
-    /// Applies the feed-forward network to `x` `[B, N, dim]`.
+    /// Applies the feed-forward network to `x` `[B, N, dim]` and adds `residual` (same
+    /// shape) inside the last projection.
     ///
     /// # Errors
     /// Tensor failures.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        if activation::supports(&h) {
+        let gated = if activation::supports(&h) {
             // One fused, vectorised, multi-threaded pass on the CPU.
-            return Ok(self.proj_out.forward(&activation::geglu(&h)?)?);
-        }
-        let value = h.narrow(2, 0, self.inner)?;
-        let gate = h.narrow(2, self.inner, self.inner)?.gelu_erf()?;
-        Ok(self.proj_out.forward(&(value * gate)?)?)
+            activation::geglu(&h)?
+        } else {
+            let value = h.narrow(2, 0, self.inner)?;
+            let gate = h.narrow(2, self.inner, self.inner)?.gelu_erf()?;
+            (value * gate)?
+        };
+        Ok(self.proj_out.forward_residual(&gated, residual)?)
     }
 }
 
@@ -267,12 +304,13 @@ impl BasicTransformerBlock {
     /// # Errors
     /// Tensor failures.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self
+            .attn1
+            .forward_residual(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + x)?)
+            .forward_residual(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward_residual(&self.norm3.forward(&x)?, &x)
     }
 }
 

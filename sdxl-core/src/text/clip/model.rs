@@ -377,13 +377,15 @@ impl EncoderLayer {
         })
     }
 
+    /// The residual adds happen inside `out_proj` and `fc2` (see [`Linear::forward_residual`]).
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self
+        let x = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
+            .forward(&self.layer_norm1.forward(x)?, mask, x)?;
         let mlp = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let mlp = self.fc2.forward(&self.activation.forward(&mlp)?)?;
-        Ok((x + mlp)?)
+        Ok(self
+            .fc2
+            .forward_residual(&self.activation.forward(&mlp)?, &x)?)
     }
 }
 
@@ -415,9 +417,10 @@ impl Attention {
         })
     }
 
-    /// `x` `[B, S, H]`, `mask` `[S, S]` f32 added to the scores: the causal mask, which the
-    /// fused CPU kernel ([`crate::kernels::attention`]) applies itself where it runs.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `residual + attention(x)` for `x` and `residual` `[B, S, H]`; `mask` `[S, S]` f32 is
+    /// added to the scores: the causal mask, which the fused CPU kernel
+    /// ([`crate::kernels::attention`]) applies itself where it runs.
+    fn forward(&self, x: &Tensor, mask: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let (q, k, v) = (
             self.q_proj.forward(x)?,
@@ -430,9 +433,8 @@ impl Attention {
                 scale: self.scale as f32,
                 causal: true,
             };
-            return Ok(self
-                .out_proj
-                .forward(&attention::attention(&q, &k, &v, spec)?)?);
+            let out = attention::attention(&q, &k, &v, spec)?;
+            return Ok(self.out_proj.forward_residual(&out, residual)?);
         }
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, s, self.heads, self.head_dim))?
@@ -447,7 +449,7 @@ impl Attention {
             .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        Ok(self.out_proj.forward(&out)?)
+        Ok(self.out_proj.forward_residual(&out, residual)?)
     }
 }
 
