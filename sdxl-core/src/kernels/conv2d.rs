@@ -213,24 +213,36 @@ pub fn conv2d_packed(
         )
     }
     let geometry = Geometry::new(x.dims(), &kernel.dims, config, prep)?;
-    let bias = bias_values(bias, geometry.c_out)?;
-    let x = x.contiguous()?;
-    let (x_storage, x_layout) = x.storage_and_layout();
     let (p_storage, p_layout) = kernel.panels.storage_and_layout();
-    let x_data = cpu_slice::<bf16>(&x_storage, x_layout)?;
     let panels = cpu_slice::<u32>(&p_storage, p_layout)?;
     let packed = PackedA::new(panels, geometry.c_out, geometry.k()).map_err(to_candle)?;
-    let residual = checked_residual(residual, &geometry, DType::BF16)?;
+    convolve_tensors::<bf16>(&geometry, x, KernelRef::Packed(packed), bias, residual)
+}
+
+/// The convolution of the CPU tensor `x` with the kernel `w` (of `g`'s sizes) into a new
+/// tensor, with the bias and residual checked and read here.
+fn convolve_tensors<T: ConvElement>(
+    g: &Geometry,
+    x: &Tensor,
+    w: KernelRef<'_, T>,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let bias = bias_values(bias, g.c_out)?;
+    let x = x.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let x_data = cpu_slice::<T>(&x_storage, x_layout)?;
+    let residual = checked_residual(residual, g, T::DTYPE)?;
     let guard = residual.as_ref().map(Tensor::storage_and_layout);
     let post = Epilogue {
         bias: bias.as_deref(),
         residual: guard
             .as_ref()
-            .map(|(storage, layout)| cpu_slice::<bf16>(storage, layout))
+            .map(|(storage, layout)| cpu_slice::<T>(storage, layout))
             .transpose()?,
     };
-    let out = convolve(&geometry, x_data, KernelRef::Packed(packed), post)?;
-    Tensor::from_vec(out, geometry.out_dims(), &Device::Cpu)
+    let out = convolve(g, x_data, w, post)?;
+    Tensor::from_vec(out, g.out_dims(), &Device::Cpu)
 }
 
 /// The residual as a contiguous tensor, checked to have the output's shape and `dtype`.
@@ -764,24 +776,10 @@ fn conv2d_typed<T: ConvElement>(
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let geometry = Geometry::new(x.dims(), weight.dims(), config, prep)?;
-    let bias = bias_values(bias, geometry.c_out)?;
-    let x = x.contiguous()?;
     let weight = weight.contiguous()?;
-    let (x_storage, x_layout) = x.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
-    let x_data = cpu_slice::<T>(&x_storage, x_layout)?;
     let w_data = cpu_slice::<T>(&w_storage, w_layout)?;
-    let residual = checked_residual(residual, &geometry, T::DTYPE)?;
-    let guard = residual.as_ref().map(Tensor::storage_and_layout);
-    let post = Epilogue {
-        bias: bias.as_deref(),
-        residual: guard
-            .as_ref()
-            .map(|(storage, layout)| cpu_slice::<T>(storage, layout))
-            .transpose()?,
-    };
-    let out = convolve(&geometry, x_data, KernelRef::Plain(w_data), post)?;
-    Tensor::from_vec(out, geometry.out_dims(), &Device::Cpu)
+    convolve_tensors(&geometry, x, KernelRef::Plain(w_data), bias, residual)
 }
 
 /// The contiguous values of a CPU tensor.

@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(ours.weight_id(), ours.weight_id());
     }
 
-    /// `forward_residual` equals `forward` plus the residual: exactly in f32, and in bf16
+    /// `forward_residual` equals `forward` plus the residual: in f32 to rounding, and in bf16
     /// (the packed GEMM, which rounds the sum once) within the two roundings of the unfused
     /// sum. A residual of another shape is an error.
     #[test]
