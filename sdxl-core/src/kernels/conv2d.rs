@@ -953,8 +953,8 @@ fn gather_row<T: WithDType + Default>(
 }
 
 /// `dst[j] = src[(first + j·stride) / upsample]`: input columns `first, first + stride, ...` of
-/// a row upsampled by `upsample` (nearest neighbour), with a copy or a doubling loop for the
-/// common cases.
+/// a row upsampled by `upsample` (nearest neighbour), with a copy, a doubling loop or a strided
+/// loop for the common cases.
 fn copy_columns<T: Copy>(src: &[T], first: usize, stride: usize, upsample: usize, dst: &mut [T]) {
     match (stride, upsample) {
         (1, 1) => dst.copy_from_slice(&src[first..first + dst.len()]),
@@ -973,6 +973,12 @@ fn copy_columns<T: Copy>(src: &[T], first: usize, stride: usize, upsample: usize
             }
             if let [last] = chunks.into_remainder() {
                 *last = src[s + pairs];
+            }
+        }
+        (_, 1) => {
+            // Strided (the downsampling convolutions): no division per value.
+            for (d, &v) in dst.iter_mut().zip(src[first..].iter().step_by(stride)) {
+                *d = v;
             }
         }
         _ => {
