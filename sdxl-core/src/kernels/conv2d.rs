@@ -13,6 +13,10 @@
 //! threads, each multiplying with the `gemm` crate in f32 (the same GEMM candle's matmul uses)
 //! or with [`bf16_gemm`] in bf16 (candle has no bf16 CPU convolution at all). A 1×1
 //! convolution with stride 1 needs no gathering at all: the input is the column matrix.
+//!
+//! Two neighbours of a convolution are folded into it: an [`InputPrep`] (nearest-neighbour
+//! upsampling, extra bottom/right padding) is applied while the columns are gathered, and a
+//! residual tensor is loaded into each tile's output block for the GEMM to accumulate onto.
 
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
