@@ -428,17 +428,9 @@ impl ConvElement for f32 {
             k: g.k(),
         };
         let w = w.plain()?;
-        let accumulate = post.residual.is_some();
-        if let Some(mut view) = out.tile_view(g, tile)? {
-            load_residual(g, post.residual, tile, &mut view);
-            return gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads);
-        }
-        let product = prefix(product, g.c_out * n);
-        let mut view = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
-        load_residual(g, post.residual, tile, &mut view);
-        gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)?;
-        scatter_rows(g, product, tile, out);
-        Ok(())
+        store_tile(g, tile, out, post.residual, product, |view, accumulate| {
+            gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)
+        })
     }
 }
 
@@ -577,18 +569,9 @@ impl ConvElement for bf16 {
         let b = Rhs::Packed(builder.finish());
         let a = w.lhs(g.c_out, k)?;
         let bias = post.bias.map_or(Bias::None, Bias::Rows);
-        let accumulate = post.residual.is_some();
-        if let Some(mut view) = out.tile_view(g, tile)? {
-            load_residual(g, post.residual, tile, &mut view);
-            return bf16_gemm::gemm_bf16_operands(a, b, bias, view, accumulate, threads)
-                .map_err(to_candle);
-        }
-        let product = prefix(product, g.c_out * n);
-        let mut c = MatMut::row_major(product, g.c_out, n).map_err(to_candle)?;
-        load_residual(g, post.residual, tile, &mut c);
-        bf16_gemm::gemm_bf16_operands(a, b, bias, c, accumulate, threads).map_err(to_candle)?;
-        scatter_rows(g, product, tile, out);
-        Ok(())
+        store_tile(g, tile, out, post.residual, product, |view, accumulate| {
+            bf16_gemm::gemm_bf16_operands(a, b, bias, view, accumulate, threads).map_err(to_candle)
+        })
     }
 }
 
@@ -851,6 +834,31 @@ fn convolve<T: ConvElement>(
         _ => tiles.par_iter().try_for_each(run_tile)?,
     }
     Ok(out)
+}
+
+/// Runs `multiply` on the tile's `c_out x n` output block: the block of the NCHW output itself
+/// when the tile lies within one image, otherwise a scratch block (`product`) that is then
+/// copied to its places. The block holds the tile's rows of `residual` first, when there is
+/// one, and `multiply` is told to accumulate onto them.
+fn store_tile<T: Copy + Default>(
+    g: &Geometry,
+    tile: TileRows,
+    out: OutPtr<T>,
+    residual: Option<&[T]>,
+    product: &mut Vec<T>,
+    multiply: impl FnOnce(MatMut<'_, T>, bool) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    let accumulate = residual.is_some();
+    if let Some(mut view) = out.tile_view(g, tile)? {
+        load_residual(g, residual, tile, &mut view);
+        return multiply(view, accumulate);
+    }
+    let product = prefix(product, g.c_out * tile.count * g.out_w);
+    let mut view = MatMut::row_major(product, g.c_out, tile.count * g.out_w).map_err(to_candle)?;
+    load_residual(g, residual, tile, &mut view);
+    multiply(view, accumulate)?;
+    scatter_rows(g, product, tile, out);
+    Ok(())
 }
 
 /// Copies the tile's rows of `residual` (the output's layout) into `dst`, the tile's

@@ -126,10 +126,7 @@ impl Linear {
             x.contiguous()?
         };
         let weight_t = match &self.weight {
-            StoredWeight::Packed(p) if residual.is_none_or(|r| r.dtype() == DType::BF16) => {
-                return p.linear(&x, self.bias.as_ref(), residual);
-            }
-            StoredWeight::Packed(p) => &p.weight()?.t()?,
+            StoredWeight::Packed(p) => return p.linear(&x, self.bias.as_ref(), residual),
             StoredWeight::Transposed(w) => w,
         };
         let y = if x.dtype() == DType::BF16 && x.device().is_cpu() {
