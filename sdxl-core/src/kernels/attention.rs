@@ -5,21 +5,27 @@
 //! conversion passes for bf16, a second batched matmul and a copy that merges the heads. Here
 //! q `[B, N, heads·head_dim]` and k, v `[B, M, heads·head_dim]` are read where the projections
 //! left them (each head is a strided view), and the work is split into tasks of one batch
-//! entry, one head and one block of query rows. A task computes
+//! entry, one head and one block of query rows. A task walks the keys in blocks (as flash
+//! attention does), so that its scores stay in cache however long the sequence; for each key
+//! block it computes
 //!
-//! 1. `S = Q_blk · K_hᵀ` in f32 into a per-thread buffer reused from task to task (blocks of
-//!    up to 256 rows; keys are not blocked, so the softmax below is exact: no online
-//!    rescaling);
-//! 2. per row, `max(scale·S)`, then `P = exp(scale·S − max)` (masked entries 0) and its sum in
-//!    f32, with a vectorised exponential;
-//! 3. `O = P · V_h` with f32 accumulation, stored as `O / sum` straight into the output row
-//!    segment of the head, in the input dtype (the layout the output projection reads).
+//! 1. `S = Q_blk · K_blkᵀ` in f32 into a per-thread buffer;
+//! 2. per row, the running maximum of `scale·S` over the keys so far, `P = exp(scale·S − max)`
+//!    (masked entries 0) and the running sum of `P` in f32; when the maximum grows, the sum
+//!    and the output row so far are first scaled by `exp(old max − new max)`;
+//! 3. `O += P · V_blk` with f32 accumulation;
+//!
+//! and stores `O / sum` straight into the output row segment of the head, in the input dtype
+//! (the layout the output projection reads). With a single key block (text encoders, the
+//! UNet's cross-attention) nothing is rescaled: the softmax is the exact two-pass one.
 //!
 //! In f32 both products use the `gemm` crate (the GEMM candle's CPU matmul uses), in bf16
-//! [`bf16_gemm`]; `P` is rounded to bf16 before the second product, as PyTorch's CPU flash
-//! attention does for reduced types, and the output is rounded once at the store. Tasks run on
-//! rayon's global pool, at most candle's thread count at a time, each product single-threaded; a task's
-//! arithmetic depends only on the shapes, so results do not depend on the thread count.
+//! [`bf16_gemm`], with every key block's keys and values packed once per call for all the tasks
+//! that read them, and each task's queries packed once. `P` is rounded to bf16 before the
+//! second product, as PyTorch's CPU flash attention does for reduced types, and the output is
+//! rounded once at the store. Tasks run on rayon's global pool, at most candle's thread count
+//! at a time, each product single-threaded; a task's arithmetic depends only on the shapes, so
+//! results do not depend on the thread count.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +34,7 @@ use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, MatMut, MatRef};
+use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
 use super::math::exp;
 use crate::error::{Error, Result};
 
@@ -104,29 +110,50 @@ fn attention_on(
     }
 }
 
-/// Most query rows per block. Each task's two products pack K and V again, so the more rows
-/// share that packing the better: measured on Zen 4 (1 MiB L2, one thread), 256 rows against
-/// 64 (a 256 KiB score block that stays in L2) take 0.63x the time for one 512-wide head over
-/// 1024 keys (the VAE) and 0.64x for ten 64-wide heads over 4096 keys (the UNet at 1024 px).
-/// The score block streams through L3 instead, which costs less than the packing.
-const MAX_ROWS: usize = 256;
-/// Most bytes of f32 scores per task (and thread): longer key sequences get fewer rows.
+/// Most query rows per bf16 task: twelve of the bf16 GEMM's 12-row panels, one of its
+/// M-blocks. Keys and values are packed once per call, so a task's fixed cost is small and its
+/// score block (`MAX_ROWS x` [`MAX_KEY_BLOCK`] f32, 288 KiB) stays in L2 with its operands.
+/// Measured on Zen 4 (1 MiB L2) against the unblocked kernel with 256-row tasks: ten 64-wide
+/// heads over 4096 keys (the UNet at 1024 px) take 0.61x the time, the VAE's one 512-wide head
+/// 0.8-0.95x.
+const MAX_ROWS: usize = 144;
+/// Most keys per bf16 key block.
+const MAX_KEY_BLOCK: usize = 512;
+/// Most bytes of one bf16 key block's keys: wide heads (the VAE's 512) get fewer keys per block.
+const KEY_BLOCK_BYTES: usize = 128 << 10;
+/// Key blocks of several are a multiple of this many keys (the bf16 GEMM's panel width).
+const KEY_BLOCK_ALIGN: usize = 32;
+/// Most query rows per f32 task. In f32 the `gemm` crate packs K and V again for every product,
+/// and keys are not blocked (short products cost it more than they save), so the more rows
+/// share that packing the better: on Zen 4, 256 rows against 64 take 0.63x the time for one
+/// 512-wide head over 1024 keys and 0.64x for ten 64-wide heads over 4096 keys.
+const MAX_F32_ROWS: usize = 256;
+/// Most bytes of f32 scores per f32 task (and thread): longer key sequences get fewer rows.
 const MAX_SCORE_BYTES: usize = 16 << 20;
-/// Fewest rows per block, whatever the two limits above say.
-const MIN_ROWS: usize = 16;
+/// Fewest rows per f32 block, whatever the two limits above say.
+const MIN_F32_ROWS: usize = 16;
 /// Tasks a call aims for, so that more threads than (batch x heads) find work: blocks shrink
 /// towards [`MIN_SPLIT_ROWS`] until there are this many.
 const MIN_TASKS: usize = 8;
 /// Fewest rows a block is split to for [`MIN_TASKS`].
 const MIN_SPLIT_ROWS: usize = 64;
 
-/// Query rows per task for `heads` (batch x heads) heads of `n` queries over `m` keys. It
-/// depends on the shapes alone (never on the thread count), so results do not either.
-fn block_rows(heads: usize, n: usize, m: usize) -> usize {
-    let by_size = (MAX_SCORE_BYTES / (4 * m.max(1))).clamp(MIN_ROWS, MAX_ROWS);
+/// Query rows per task and keys per key block for `heads` (batch x heads) heads of `n`
+/// queries over `m` keys of width `head_dim` in `dtype`. They depend on the shapes alone
+/// (never on the thread count), so results do not either.
+fn blocking(heads: usize, n: usize, m: usize, head_dim: usize, dtype: DType) -> (usize, usize) {
     let per_head_blocks = MIN_TASKS.div_ceil(heads.max(1));
     let by_tasks = n.div_ceil(per_head_blocks).max(MIN_SPLIT_ROWS);
-    by_size.min(by_tasks).min(n).max(1)
+    let (rows, keys) = if dtype == DType::BF16 {
+        let by_bytes = KEY_BLOCK_BYTES / (2 * head_dim.max(1));
+        let block =
+            by_bytes.clamp(KEY_BLOCK_ALIGN, MAX_KEY_BLOCK) / KEY_BLOCK_ALIGN * KEY_BLOCK_ALIGN;
+        (MAX_ROWS, if m <= block { m } else { block })
+    } else {
+        let by_size = (MAX_SCORE_BYTES / (4 * m.max(1))).clamp(MIN_F32_ROWS, MAX_F32_ROWS);
+        (by_size, m)
+    };
+    (rows.min(by_tasks).min(n).max(1), keys.max(1))
 }
 
 /// The validated geometry of one call.
@@ -143,6 +170,8 @@ struct Shape {
     causal: bool,
     /// Query rows per task.
     block_rows: usize,
+    /// Keys per key block (the last block may hold fewer).
+    key_block: usize,
 }
 
 impl Shape {
@@ -177,16 +206,18 @@ impl Shape {
                 k.dims()
             )));
         }
-        let block_rows = block_rows(batch * spec.heads, n, m);
+        let head_dim = channels / spec.heads;
+        let (block_rows, key_block) = blocking(batch * spec.heads, n, m, head_dim, q.dtype());
         Ok(Self {
             batch,
             n,
             m,
             heads: spec.heads,
-            head_dim: channels / spec.heads,
+            head_dim,
             scale: spec.scale,
             causal: spec.causal,
             block_rows,
+            key_block,
         })
     }
 
@@ -201,6 +232,11 @@ impl Shape {
     fn tasks(&self) -> usize {
         self.batch * self.heads * self.blocks()
     }
+
+    /// Key blocks per head.
+    fn key_blocks(&self) -> usize {
+        self.m.div_ceil(self.key_block)
+    }
 }
 
 /// An element type the kernel attends in.
@@ -211,18 +247,51 @@ trait Element: WithDType + Default {
     /// `x` rounded to this type.
     fn narrow(x: f32) -> Self;
 
-    /// `s = q · kᵀ` for `q [rows, d]` and `k [cols, d]` into row-major `s [rows, cols]`.
-    fn scores(q: Head<'_, Self>, k: Head<'_, Self>, s: &mut [f32]) -> Result<()>;
-
-    /// The exponentials of the row-major scores `s [rows, cols]` (see [`softmax_rows`]), then
-    /// `o = P · v` for `v [cols, d]` into row-major `o [rows, d]` in f32.
-    fn attend(
-        s: &mut [f32],
+    /// Packs what the products read of the keys and values once per call, with at most
+    /// `threads` threads (bf16: every key block's `kᵀ` and `v`; f32 reads them in place).
+    fn pack_keys(
+        k: &Operand<'_, Self>,
+        v: &Operand<'_, Self>,
         shape: &Shape,
-        first_row: usize,
-        v: Head<'_, Self>,
-        bufs: &mut Buffers,
+        threads: usize,
+    ) -> Result<PackedKeys>;
+
+    /// Prepares a task's query block `q [rows, d]` for [`Element::scores`] (bf16 packs it
+    /// into `query`).
+    fn prepare_query(q: Head<'_, Self>, query: &mut Vec<u32>) -> Result<()>;
+
+    /// `s = q · kᵀ` for the task's queries `q [rows, d]` (prepared into `query`) and one key
+    /// block, into row-major `s [rows, cols]`.
+    fn scores(
+        q: Head<'_, Self>,
+        query: &[u32],
+        keys: &KeyBlock<'_, Self>,
+        s: &mut [f32],
     ) -> Result<()>;
+
+    /// `o = P · v` (`o += P · v` unless `first`) for the probabilities of one key block
+    /// (`s [rows, cols]` in f32, or `probs` in bf16, as [`Element::probs`] says) into row-major
+    /// `o [rows, d]` in f32.
+    fn accumulate(
+        s: &[f32],
+        probs: &[bf16],
+        keys: &KeyBlock<'_, Self>,
+        o: &mut [f32],
+        first: bool,
+    ) -> Result<()>;
+
+    /// Where the softmax puts the probabilities of `len` scores: over the scores, or rounded
+    /// into the start of `probs`.
+    fn probs(probs: &mut [bf16], len: usize) -> Result<Probs<'_>>;
+}
+
+/// One key block of one head: `cols` keys and values (each a `[cols, d]` view), and for
+/// element types that pack them ([`Element::pack_keys`]), `kᵀ` and `v` packed.
+struct KeyBlock<'a, T> {
+    k: Head<'a, T>,
+    v: Head<'a, T>,
+    packed_k: &'a [u32],
+    packed_v: &'a [u32],
 }
 
 /// A head's block of rows: `rows x cols` values at `data[i * row_stride + j * col_stride]`,
@@ -280,7 +349,26 @@ impl Element for f32 {
         x
     }
 
-    fn scores(q: Head<'_, Self>, k: Head<'_, Self>, s: &mut [f32]) -> Result<()> {
+    fn pack_keys(
+        _: &Operand<'_, Self>,
+        _: &Operand<'_, Self>,
+        _: &Shape,
+        _: usize,
+    ) -> Result<PackedKeys> {
+        Ok(PackedKeys::none())
+    }
+
+    fn prepare_query(_: Head<'_, Self>, _: &mut Vec<u32>) -> Result<()> {
+        Ok(())
+    }
+
+    fn scores(
+        q: Head<'_, Self>,
+        _: &[u32],
+        keys: &KeyBlock<'_, Self>,
+        s: &mut [f32],
+    ) -> Result<()> {
+        let k = keys.k;
         let (rows, cols, d) = (q.rows, k.rows, q.cols);
         fits(q.data.len(), rows, d, q.row_stride, q.col_stride)?;
         fits(k.data.len(), cols, d, k.row_stride, k.col_stride)?;
@@ -315,21 +403,21 @@ impl Element for f32 {
         Ok(())
     }
 
-    fn attend(
-        s: &mut [f32],
-        shape: &Shape,
-        first_row: usize,
-        v: Head<'_, Self>,
-        bufs: &mut Buffers,
+    fn accumulate(
+        s: &[f32],
+        _: &[bf16],
+        keys: &KeyBlock<'_, Self>,
+        o: &mut [f32],
+        first: bool,
     ) -> Result<()> {
+        let v = keys.v;
         let (cols, d) = (v.rows, v.cols);
-        let rows = s.len() / cols.max(1);
-        softmax_rows(s, cols, shape, first_row, Probs::InPlace, &mut bufs.sums)?;
-        let o = bufs.out.get_mut(..rows * d).ok_or_else(internal)?;
+        let rows = o.len() / d.max(1);
+        fits(s.len(), rows, cols, cols, 1)?;
         fits(v.data.len(), cols, d, v.row_stride, v.col_stride)?;
         let [v_rs, v_cs, s_rs, o_rs] = [v.row_stride, v.col_stride, cols, d].map(istride);
-        // SAFETY: `s` holds `rows * cols` values, `o` `rows * d`, and `fits` keeps v's reads
-        // inside its slice; `o` is borrowed mutably for the call.
+        // SAFETY: `fits` keeps the reads of s and v inside their slices, and `o` holds
+        // `rows * d` values; `o` is borrowed mutably for the call.
         unsafe {
             gemm::gemm(
                 rows,
@@ -338,14 +426,14 @@ impl Element for f32 {
                 o.as_mut_ptr(),
                 1,
                 o_rs?,
-                false,
+                !first,
                 s.as_ptr(),
                 1,
                 s_rs?,
                 v.data.as_ptr(),
                 v_cs?,
                 v_rs?,
-                0.0,
+                1.0,
                 1.0,
                 false,
                 false,
@@ -354,6 +442,10 @@ impl Element for f32 {
             );
         }
         Ok(())
+    }
+
+    fn probs(_: &mut [bf16], _: usize) -> Result<Probs<'_>> {
+        Ok(Probs::InPlace)
     }
 }
 
@@ -366,27 +458,53 @@ impl Element for bf16 {
         bf16::from_f32(x)
     }
 
-    fn scores(q: Head<'_, Self>, k: Head<'_, Self>, s: &mut [f32]) -> Result<()> {
-        let (rows, cols) = (q.rows, k.rows);
-        let c = MatMut::row_major(s, rows, cols)?;
-        bf16_gemm::gemm_bf16(q.mat()?, k.mat()?.t(), c, false, 1)
+    fn pack_keys(
+        k: &Operand<'_, Self>,
+        v: &Operand<'_, Self>,
+        shape: &Shape,
+        threads: usize,
+    ) -> Result<PackedKeys> {
+        PackedKeys::pack(k, v, shape, threads)
     }
 
-    fn attend(
+    fn prepare_query(q: Head<'_, Self>, query: &mut Vec<u32>) -> Result<()> {
+        let len = bf16_gemm::packed_a_len(q.rows, q.cols).ok_or_else(internal)?;
+        grow(query, len, "packed attention queries")?;
+        let dst = query.get_mut(..len).ok_or_else(internal)?;
+        bf16_gemm::pack_a_into(q.mat()?, dst)
+    }
+
+    fn scores(
+        q: Head<'_, Self>,
+        query: &[u32],
+        keys: &KeyBlock<'_, Self>,
         s: &mut [f32],
-        shape: &Shape,
-        first_row: usize,
-        v: Head<'_, Self>,
-        bufs: &mut Buffers,
     ) -> Result<()> {
-        let (cols, d) = (v.rows, v.cols);
-        let rows = s.len() / cols.max(1);
-        let p = bufs.probs.get_mut(..s.len()).ok_or_else(internal)?;
-        softmax_rows(s, cols, shape, first_row, Probs::Bf16(p), &mut bufs.sums)?;
-        let p = MatRef::row_major(p, rows, cols)?;
-        let o = bufs.out.get_mut(..rows * d).ok_or_else(internal)?;
+        let (rows, cols, d) = (q.rows, keys.k.rows, q.cols);
+        let len = bf16_gemm::packed_a_len(rows, d).ok_or_else(internal)?;
+        let a = PackedA::new(query.get(..len).ok_or_else(internal)?, rows, d)?;
+        let b = PackedB::new(keys.packed_k, d, cols)?;
+        let c = MatMut::row_major(s, rows, cols)?;
+        bf16_gemm::gemm_bf16_operands(Lhs::Packed(a), Rhs::Packed(b), Bias::None, c, false, 1)
+    }
+
+    fn accumulate(
+        _: &[f32],
+        probs: &[bf16],
+        keys: &KeyBlock<'_, Self>,
+        o: &mut [f32],
+        first: bool,
+    ) -> Result<()> {
+        let (cols, d) = (keys.v.rows, keys.v.cols);
+        let rows = o.len() / d.max(1);
+        let p = MatRef::row_major(probs.get(..rows * cols).ok_or_else(internal)?, rows, cols)?;
+        let v = PackedB::new(keys.packed_v, cols, d)?;
         let o = MatMut::row_major(o, rows, d)?;
-        bf16_gemm::gemm_bf16(p, v.mat()?, o, false, 1)
+        bf16_gemm::gemm_bf16_operands(Lhs::Matrix(p), Rhs::Packed(v), Bias::None, o, !first, 1)
+    }
+
+    fn probs(probs: &mut [bf16], len: usize) -> Result<Probs<'_>> {
+        Ok(Probs::Bf16(probs.get_mut(..len).ok_or_else(internal)?))
     }
 }
 
@@ -395,7 +513,7 @@ fn internal() -> Error {
     Error::invalid("fused attention: internal buffer too small")
 }
 
-/// Where [`softmax_rows`] puts the exponentials.
+/// Where [`softmax_block`] puts the exponentials.
 enum Probs<'a> {
     /// Over the scores (f32).
     InPlace,
@@ -403,20 +521,35 @@ enum Probs<'a> {
     Bf16(&'a mut [bf16]),
 }
 
-/// For each row `i` of the row-major scores `s [rows, cols]`: `max = max_j(scale · s[i, j])`
-/// over the keys the row sees, `p[i, j] = exp(scale · s[i, j] − max)` (0 for masked keys)
-/// and `sums[i] = Σ_j p[i, j]` in f32 (before any rounding of `p`). Row `i` is query
-/// `first_row + i`; with `shape.causal` it sees keys `0..=first_row + i`.
-fn softmax_rows(
+/// The running softmax of a task's rows: per row, the largest `scale · score` so far, the sum
+/// of the exponentials so far (relative to that maximum), and the output rows `o [rows, d]`
+/// accumulated so far.
+struct RunningRows<'a> {
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    out: &'a mut [f32],
+    head_dim: usize,
+}
+
+/// One key block's softmax step for the row-major scores `s [rows, cols]` of keys
+/// `first_key ..`: for each row `i` (query `first_row + i`), over the keys of the block it sees,
+/// the new maximum `max = max(old, max_j(scale · s[i, j]))`,
+/// `p[i, j] = exp(scale · s[i, j] − max)` (0 for masked keys) and
+/// `sum = sum · c + Σ_j p[i, j]` in f32 (before any rounding of `p`), where `c = exp(old − max)`
+/// also scales the row's output so far. The first block (`first_key == 0`) starts every row
+/// afresh. With `shape.causal`, query `q` sees keys `0..=q`.
+fn softmax_block(
     s: &mut [f32],
     cols: usize,
     shape: &Shape,
-    first_row: usize,
+    (first_row, first_key): (usize, usize),
     probs: Probs<'_>,
-    sums: &mut [f32],
+    rows: RunningRows<'_>,
 ) -> Result<()> {
-    let rows = s.len() / cols.max(1);
-    let sums = sums.get_mut(..rows).ok_or_else(internal)?;
+    let n = s.len() / cols.max(1);
+    if rows.max.len() < n || rows.sum.len() < n || rows.out.len() < n * rows.head_dim {
+        return Err(internal());
+    }
     if let Probs::Bf16(p) = &probs {
         if p.len() != s.len() {
             return Err(internal());
@@ -425,6 +558,7 @@ fn softmax_rows(
     let block = RowBlock {
         cols,
         first_row,
+        first_key,
         causal: shape.causal,
         scale: shape.scale,
     };
@@ -432,23 +566,24 @@ fn softmax_rows(
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked just above).
-            unsafe { softmax_avx512(&block, s, probs, sums) };
+            unsafe { softmax_avx512(&block, s, probs, rows) };
             return Ok(());
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
-            unsafe { softmax_avx2(&block, s, probs, sums) };
+            unsafe { softmax_avx2(&block, s, probs, rows) };
             return Ok(());
         }
     }
-    softmax_body(&block, s, probs, sums);
+    softmax_body(&block, s, probs, rows);
     Ok(())
 }
 
-/// The row geometry [`softmax_body`] needs.
+/// The block geometry [`softmax_body`] needs.
 struct RowBlock {
     cols: usize,
     first_row: usize,
+    first_key: usize,
     causal: bool,
     scale: f32,
 }
@@ -456,49 +591,69 @@ struct RowBlock {
 /// [`softmax_body`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512(block: &RowBlock, s: &mut [f32], probs: Probs<'_>, sums: &mut [f32]) {
-    softmax_body(block, s, probs, sums);
+unsafe fn softmax_avx512(block: &RowBlock, s: &mut [f32], probs: Probs<'_>, rows: RunningRows<'_>) {
+    softmax_body(block, s, probs, rows);
 }
 
 /// [`softmax_body`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn softmax_avx2(block: &RowBlock, s: &mut [f32], probs: Probs<'_>, sums: &mut [f32]) {
-    softmax_body(block, s, probs, sums);
+unsafe fn softmax_avx2(block: &RowBlock, s: &mut [f32], probs: Probs<'_>, rows: RunningRows<'_>) {
+    softmax_body(block, s, probs, rows);
 }
 
-/// The work of [`softmax_rows`]; the same arithmetic whatever the vector width.
+/// The work of [`softmax_block`]; the same arithmetic whatever the vector width.
 #[inline(always)]
-fn softmax_body(block: &RowBlock, s: &mut [f32], probs: Probs<'_>, sums: &mut [f32]) {
+fn softmax_body(block: &RowBlock, s: &mut [f32], probs: Probs<'_>, rows: RunningRows<'_>) {
     let cols = block.cols.max(1);
-    let visible = |i: usize| {
+    let first = block.first_key == 0;
+    let seen = |i: usize| {
         if block.causal {
-            (block.first_row + i + 1).min(cols)
+            (block.first_row + i + 1)
+                .saturating_sub(block.first_key)
+                .min(cols)
         } else {
             cols
         }
     };
     let scale = block.scale;
-    match probs {
-        Probs::InPlace => {
-            for (i, (row, sum)) in s.chunks_exact_mut(cols).zip(sums).enumerate() {
-                let (live, masked) = row.split_at_mut(visible(i));
-                let max = row_max(live, scale);
-                *sum = exp_in_place(live, scale, max);
-                masked.fill(0.0);
-            }
-        }
-        Probs::Bf16(p) => {
-            let rows = s.chunks_exact(cols).zip(p.chunks_exact_mut(cols));
-            for (i, ((row, prow), sum)) in rows.zip(sums).enumerate() {
-                let seen = visible(i);
-                let (live, _) = row.split_at(seen);
-                let (plive, pmasked) = prow.split_at_mut(seen);
-                let max = row_max(live, scale);
-                *sum = exp_to_bf16(live, plive, scale, max);
+    let d = rows.head_dim.max(1);
+    let mut prob_rows = match probs {
+        Probs::Bf16(p) => Some(p.chunks_exact_mut(cols)),
+        Probs::InPlace => None,
+    };
+    let state = rows.max.iter_mut().zip(rows.sum.iter_mut());
+    let lines = s.chunks_exact_mut(cols).zip(rows.out.chunks_exact_mut(d));
+    for (i, ((row, out), (max, sum))) in lines.zip(state).enumerate() {
+        let (live, masked) = row.split_at_mut(seen(i));
+        let block_max = row_max(live, scale);
+        let (new_max, carry) = if first {
+            (block_max, 0.0)
+        } else if block_max > *max {
+            (block_max, exp(*max - block_max))
+        } else {
+            (*max, 1.0)
+        };
+        let block_sum = match prob_rows.as_mut().and_then(Iterator::next) {
+            Some(prow) => {
+                let (plive, pmasked) = prow.split_at_mut(live.len());
                 pmasked.fill(bf16::ZERO);
+                exp_to_bf16(live, plive, scale, new_max)
+            }
+            None => {
+                masked.fill(0.0);
+                exp_in_place(live, scale, new_max)
+            }
+        };
+        if first {
+            *sum = block_sum;
+        } else {
+            *sum = *sum * carry + block_sum;
+            if carry != 1.0 {
+                out.iter_mut().for_each(|x| *x *= carry);
             }
         }
+        *max = new_max;
     }
 }
 
@@ -648,13 +803,16 @@ struct OutPtr<T> {
 // other task touches, and the buffer outlives the parallel loop.
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-/// A thread's working buffers: scores, bf16 probabilities, the f32 output block, row sums.
+/// A thread's working buffers: scores, bf16 probabilities, the f32 output block, the running
+/// row maxima and sums, and the packed queries.
 #[derive(Default)]
 struct Buffers {
     scores: Vec<f32>,
     probs: Vec<bf16>,
     out: Vec<f32>,
+    max: Vec<f32>,
     sums: Vec<f32>,
+    query: Vec<u32>,
 }
 
 /// Buffers larger than this many bytes are freed after a call instead of kept for the next.
@@ -663,6 +821,8 @@ const KEEP_BYTES: usize = 16 << 20;
 thread_local! {
     /// This thread's buffers from its last call.
     static BUFFERS: Cell<Buffers> = Cell::new(Buffers::default());
+    /// The packed keys and values of this thread's last call (of at most [`KEEP_BYTES`] · 4).
+    static PACKED: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `v` with at least `len` elements (contents unspecified: every reader writes first).
@@ -680,7 +840,7 @@ impl Buffers {
     /// This thread's buffers, grown for blocks of `shape`.
     fn take(shape: &Shape, bf16_probs: bool) -> Result<Self> {
         let mut b = BUFFERS.take();
-        let scores = shape.block_rows.checked_mul(shape.m);
+        let scores = shape.block_rows.checked_mul(shape.key_block);
         let scores = scores.ok_or_else(|| Error::invalid("attention score block overflows"))?;
         grow(&mut b.scores, scores, "attention scores")?;
         if bf16_probs {
@@ -691,16 +851,128 @@ impl Buffers {
             shape.block_rows * shape.head_dim,
             "attention output",
         )?;
+        grow(&mut b.max, shape.block_rows, "attention row maxima")?;
         grow(&mut b.sums, shape.block_rows, "attention row sums")?;
         Ok(b)
     }
 
     /// Keeps the buffers for this thread's next call unless they are large.
     fn keep(self) {
-        let bytes = 4 * (self.scores.capacity() + self.out.capacity() + self.sums.capacity())
-            + 2 * self.probs.capacity();
-        if bytes <= KEEP_BYTES {
+        let words = self.scores.capacity()
+            + self.out.capacity()
+            + self.max.capacity()
+            + self.sums.capacity()
+            + self.query.capacity();
+        if 4 * words + 2 * self.probs.capacity() <= KEEP_BYTES {
             BUFFERS.set(self);
+        }
+    }
+}
+
+/// Every key block's `kᵀ` and `v`, packed once per call for the bf16 GEMM: block `(b, head,
+/// index)` is at `stride · ((b · heads + head) · key_blocks + index)`, `kᵀ` first (`k_len`
+/// values for a full block), then `v`.
+struct PackedKeys {
+    data: Vec<u32>,
+    k_len: usize,
+    stride: usize,
+}
+
+impl PackedKeys {
+    /// Nothing packed (element types that read keys in place).
+    fn none() -> Self {
+        Self {
+            data: Vec::new(),
+            k_len: 0,
+            stride: 0,
+        }
+    }
+
+    /// Packs every key block of `k` and `v` with at most `threads` threads, reusing this
+    /// thread's buffer from its last call.
+    fn pack(
+        k: &Operand<'_, bf16>,
+        v: &Operand<'_, bf16>,
+        shape: &Shape,
+        threads: usize,
+    ) -> Result<Self> {
+        let (d, kb) = (shape.head_dim, shape.key_block);
+        let overflow = || Error::invalid("packed attention keys overflow");
+        let k_len = bf16_gemm::packed_len(d, kb).ok_or_else(overflow)?;
+        let v_len = bf16_gemm::packed_len(kb, d).ok_or_else(overflow)?;
+        let stride = k_len + v_len;
+        let blocks = shape.batch * shape.heads * shape.key_blocks();
+        let mut data = PACKED.take();
+        grow(
+            &mut data,
+            blocks.checked_mul(stride).ok_or_else(overflow)?,
+            "packed attention keys",
+        )?;
+        let pack_one = |(block, dst): (usize, &mut [u32])| -> Result<()> {
+            let (pair, index) = (block / shape.key_blocks(), block % shape.key_blocks());
+            let (b, head) = (pair / shape.heads, pair % shape.heads);
+            let first_key = index * kb;
+            let cols = kb.min(shape.m - first_key);
+            let (k_dst, v_dst) = dst.split_at_mut(k_len);
+            let k_dst = k_dst.get_mut(..bf16_gemm::packed_len(d, cols).ok_or_else(overflow)?);
+            let v_dst = v_dst.get_mut(..bf16_gemm::packed_len(cols, d).ok_or_else(overflow)?);
+            let (Some(k_dst), Some(v_dst)) = (k_dst, v_dst) else {
+                return Err(internal());
+            };
+            bf16_gemm::pack_b_into(k.head(b, head, d, first_key, cols).mat()?.t(), k_dst)?;
+            bf16_gemm::pack_b_into(v.head(b, head, d, first_key, cols).mat()?, v_dst)
+        };
+        let all = data.get_mut(..blocks * stride).ok_or_else(internal)?;
+        let done = if threads <= 1 || blocks <= 1 {
+            all.chunks_exact_mut(stride)
+                .enumerate()
+                .try_for_each(pack_one)
+        } else {
+            all.par_chunks_exact_mut(stride)
+                .enumerate()
+                .with_min_len(blocks.div_ceil(threads))
+                .try_for_each(pack_one)
+        };
+        let packed = Self {
+            data,
+            k_len,
+            stride,
+        };
+        match done {
+            Ok(()) => Ok(packed),
+            Err(e) => {
+                packed.keep();
+                Err(e)
+            }
+        }
+    }
+
+    /// Packed `kᵀ` and `v` of key block `index` (`cols` keys) of `(b, head)`; empty when
+    /// nothing was packed.
+    fn block(
+        &self,
+        shape: &Shape,
+        (b, head, index): (usize, usize, usize),
+        cols: usize,
+    ) -> Result<(&[u32], &[u32])> {
+        if self.data.is_empty() {
+            return Ok((&[], &[]));
+        }
+        let d = shape.head_dim;
+        let at = self.stride * ((b * shape.heads + head) * shape.key_blocks() + index);
+        let k_end = at + bf16_gemm::packed_len(d, cols).ok_or_else(internal)?;
+        let v_at = at + self.k_len;
+        let v_end = v_at + bf16_gemm::packed_len(cols, d).ok_or_else(internal)?;
+        match (self.data.get(at..k_end), self.data.get(v_at..v_end)) {
+            (Some(k), Some(v)) => Ok((k, v)),
+            _ => Err(internal()),
+        }
+    }
+
+    /// Keeps the buffer for this thread's next call unless it is large.
+    fn keep(self) {
+        if self.data.capacity() <= KEEP_BYTES {
+            PACKED.set(self.data);
         }
     }
 }
@@ -720,10 +992,13 @@ fn run<T: Element>(
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
         let (vs, vl) = v.storage_and_layout();
+        let (k, v) = (Operand::new(&ks, kl, "k")?, Operand::new(&vs, vl, "v")?);
+        let packed = T::pack_keys(&k, &v, shape, threads)?;
         let job = Job {
             q: Operand::new(&qs, ql, "q")?,
-            k: Operand::new(&ks, kl, "k")?,
-            v: Operand::new(&vs, vl, "v")?,
+            k,
+            v,
+            packed: &packed,
             shape,
             out: OutPtr {
                 ptr: out.as_mut_ptr(),
@@ -732,11 +1007,13 @@ fn run<T: Element>(
             next: AtomicUsize::new(0),
         };
         let workers = threads.clamp(1, shape.tasks());
-        if workers == 1 {
-            job.work()?;
+        let done = if workers == 1 {
+            job.work()
         } else {
-            (0..workers).into_par_iter().try_for_each(|_| job.work())?;
-        }
+            (0..workers).into_par_iter().try_for_each(|_| job.work())
+        };
+        packed.keep();
+        done?;
     }
     Ok(Tensor::from_vec(out, dims, &Device::Cpu)?)
 }
@@ -746,6 +1023,7 @@ struct Job<'a, T> {
     q: Operand<'a, T>,
     k: Operand<'a, T>,
     v: Operand<'a, T>,
+    packed: &'a PackedKeys,
     shape: &'a Shape,
     out: OutPtr<T>,
     /// The next task to hand out.
@@ -781,24 +1059,44 @@ impl<T: Element> Job<'_, T> {
         let (head, block) = (rest / blocks, rest % blocks);
         let first = block * sh.block_rows;
         let rows = sh.block_rows.min(sh.n - first);
-        let cols = if sh.causal {
+        // Keys any row of the block sees.
+        let seen = if sh.causal {
             sh.m.min(first + rows)
         } else {
             sh.m
         };
         let q = self.q.head(b, head, d, first, rows);
-        let k = self.k.head(b, head, d, 0, cols);
-        let v = self.v.head(b, head, d, 0, cols);
-        let mut scores = std::mem::take(&mut bufs.scores);
-        let result = scores
-            .get_mut(..rows * cols)
-            .ok_or_else(internal)
-            .and_then(|s| {
-                T::scores(q, k, s)?;
-                T::attend(s, sh, first, v, bufs)
-            });
-        bufs.scores = scores;
-        result?;
+        T::prepare_query(q, &mut bufs.query)?;
+        let Buffers {
+            scores,
+            probs,
+            out,
+            max,
+            sums,
+            query,
+        } = bufs;
+        let out = out.get_mut(..rows * d).ok_or_else(internal)?;
+        for (index, first_key) in (0..seen).step_by(sh.key_block).enumerate() {
+            let cols = sh.key_block.min(sh.m - first_key);
+            let (packed_k, packed_v) = self.packed.block(sh, (b, head, index), cols)?;
+            let keys = KeyBlock {
+                k: self.k.head(b, head, d, first_key, cols),
+                v: self.v.head(b, head, d, first_key, cols),
+                packed_k,
+                packed_v,
+            };
+            let s = scores.get_mut(..rows * cols).ok_or_else(internal)?;
+            T::scores(q, query, &keys, s)?;
+            let running = RunningRows {
+                max: max.as_mut_slice(),
+                sum: sums.as_mut_slice(),
+                out: &mut *out,
+                head_dim: d,
+            };
+            let p = T::probs(probs, rows * cols)?;
+            softmax_block(s, cols, sh, (first, first_key), p, running)?;
+            T::accumulate(s, probs, &keys, out, first_key == 0)?;
+        }
         self.store(b, head, first, rows, bufs)
     }
 
@@ -820,7 +1118,7 @@ impl<T: Element> Job<'_, T> {
                 return Err(internal());
             }
             // SAFETY: the segment lies inside the output (checked above) and belongs to this
-            // task's (batch, head, row) alone; no other reference to it exists meanwhile.
+            // task's (batch, head, row block) alone; no other reference to it exists meanwhile.
             let dst = unsafe { std::slice::from_raw_parts_mut(self.out.ptr.add(start), d) };
             let inv = 1.0 / sum;
             for (dst, &x) in dst.iter_mut().zip(orow) {

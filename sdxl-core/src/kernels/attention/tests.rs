@@ -112,11 +112,16 @@ fn cases() -> Vec<Case> {
         // N > M and N < M with the causal mask (aligned at the top left).
         case(3, 40, 29, 2, 8, true),
         case(1, 29, 40, 2, 8, true),
-        // Two row blocks (at most 256 rows), ragged last block.
+        // Three row blocks (at most 144 rows), ragged last block.
         case(1, 300, 77, 2, 64, false),
         case(2, 300, 300, 1, 12, true),
-        // One head: split into blocks of 64 rows for enough tasks.
+        // One head: split into blocks of 64 rows for enough tasks; three key blocks of at
+        // most 512 keys.
         case(1, 130, 1100, 1, 24, false),
+        // Causal across key blocks: later blocks are partly or wholly masked for some rows.
+        case(1, 700, 700, 2, 16, true),
+        // A wide head over key blocks of 128 keys.
+        case(1, 40, 300, 1, 512, false),
         // Many heads: blocks of the most rows.
         case(2, 600, 40, 4, 8, false),
         // One wide head, as in the VAE.
@@ -193,6 +198,44 @@ fn results_do_not_depend_on_the_thread_count() {
             let diff = crate::test_support::max_abs_diff(&one, &three);
             assert!(diff == 0.0, "{dtype:?} {case:?}: {diff:e}");
         }
+    }
+}
+
+#[test]
+fn a_key_block_with_larger_scores_rescales_the_earlier_ones() {
+    // Keys 512..1024 (the second key block) are 4x the others, so the running maximum of most
+    // rows grows there and what the first block summed is rescaled.
+    let case = Case {
+        batch: 1,
+        n: 20,
+        m: 1100,
+        heads: 1,
+        head_dim: 24,
+        causal: false,
+    };
+    let mut dtypes = vec![(DType::F32, 2e-6)];
+    if bf16_gemm::native_available() {
+        dtypes.push((DType::BF16, 1e-2));
+    }
+    for (dtype, tolerance) in dtypes {
+        let ([q, mut k, v], _) = case.operands(dtype);
+        let d = case.head_dim;
+        k[512 * d..1024 * d].iter_mut().for_each(|x| *x *= 4.0);
+        let tensor = |data: &Vec<f32>, t: usize| {
+            Tensor::from_vec(data.clone(), (1, t, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (qt, kt, vt) = (tensor(&q, case.n), tensor(&k, case.m), tensor(&v, case.m));
+        let ours = attention_on(&qt, &kt, &vt, case.spec(), 2).unwrap();
+        let (err, max) = compare(&ours, &case.reference(&[q, k, v]));
+        let rel = err / max.max(1.0);
+        println!("{dtype:?}: error {err:e} (relative {rel:e})");
+        assert!(
+            rel <= tolerance,
+            "{dtype:?}: error {err:e} (relative {rel:e})"
+        );
     }
 }
 

@@ -30,7 +30,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub use mat::{MatMut, MatRef};
-pub use pack::{pack_a, pack_b, packed_a_len, packed_len, PackedA, PackedB, PackedBBuilder};
+pub use pack::{
+    pack_a, pack_a_into, pack_b, pack_b_into, packed_a_len, packed_len, PackedA, PackedB,
+    PackedBBuilder,
+};
 
 use crate::error::{Error, Result};
 

@@ -54,6 +54,28 @@ pub fn pack_b(b: MatRef<'_, bf16>) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// Packs all of `b` (k x n) into `dst`, which must hold exactly [`packed_len`]`(k, n)` values,
+/// on the calling thread (for callers that already run in parallel); read it back with
+/// [`PackedB::new`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if `dst` has another length.
+pub fn pack_b_into(b: MatRef<'_, bf16>, dst: &mut [u32]) -> Result<()> {
+    if packed_len(b.rows, b.cols) != Some(dst.len()) {
+        return Err(Error::invalid(format!(
+            "{} values cannot hold a packed {}x{} B",
+            dst.len(),
+            b.rows,
+            b.cols
+        )));
+    }
+    let panel_len = b.rows.div_ceil(2) * NR;
+    for (j, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
+        pack_b_panel::<NR>(&b, j * NR, panel);
+    }
+    Ok(())
+}
+
 /// A packed once for [`gemm_bf16_operands`](super::gemm_bf16_operands): every `MR`-row panel of
 /// a `rows x cols` (m x k) matrix, all of k each, as [`pack_a`] writes them.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +112,27 @@ pub fn pack_a(a: MatRef<'_, bf16>) -> Result<Vec<u32>> {
             .for_each(|(i, panel)| pack_a_panel::<MR>(&a, i * MR, panel));
     }
     Ok(out)
+}
+
+/// Packs all of `a` (m x k) into `dst`, which must hold exactly [`packed_a_len`]`(m, k)`
+/// values, on the calling thread; read it back with [`PackedA::new`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if `dst` has another length.
+pub fn pack_a_into(a: MatRef<'_, bf16>, dst: &mut [u32]) -> Result<()> {
+    if packed_a_len(a.rows, a.cols) != Some(dst.len()) {
+        return Err(Error::invalid(format!(
+            "{} values cannot hold a packed {}x{} A",
+            dst.len(),
+            a.rows,
+            a.cols
+        )));
+    }
+    let panel_len = a.cols.div_ceil(2) * MR;
+    for (i, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
+        pack_a_panel::<MR>(&a, i * MR, panel);
+    }
+    Ok(())
 }
 
 impl<'a> PackedA<'a> {
