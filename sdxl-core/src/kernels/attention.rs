@@ -35,7 +35,7 @@ use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
-use super::math::exp;
+use super::math::{exp, round_bf16};
 use crate::error::{Error, Result};
 
 /// What [`attention`] computes, besides its operands.
@@ -725,16 +725,6 @@ fn exp_to_bf16(row: &[f32], p: &mut [bf16], scale: f32, max: f32) -> f32 {
         *d = round_bf16(e);
     }
     lane_sum(acc) + tail_sum
-}
-
-/// `x` rounded to the nearest bf16, ties to even (as `bf16::from_f32`), in branch-free form
-/// that vectorises.
-#[inline(always)]
-fn round_bf16(x: f32) -> bf16 {
-    let bits = x.to_bits();
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-    let quiet_nan = (bits >> 16) | 0x0040;
-    bf16::from_bits(if x.is_nan() { quiet_nan } else { rounded } as u16)
 }
 
 /// One operand's values (from its layout's start) and `[B, T, C]` strides, with every element

@@ -30,8 +30,18 @@ impl Element for bf16 {
     }
     #[inline(always)]
     fn store(x: f32) -> Self {
-        bf16::from_f32(x)
+        round_bf16(x)
     }
+}
+
+/// `x` rounded to the nearest bf16, ties to even (as `bf16::from_f32`), in branch-free form
+/// that vectorises.
+#[inline(always)]
+pub(crate) fn round_bf16(x: f32) -> bf16 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x0040;
+    bf16::from_bits(if x.is_nan() { quiet_nan } else { rounded } as u16)
 }
 
 /// `x · Φ(x) = x/2 · (1 + erf(x/√2))`, PyTorch's exact GELU, to about 1e-7 relative.
@@ -125,5 +135,35 @@ mod tests {
         assert!((erf(0.5) - 0.520_499_9).abs() < 2e-7);
         assert_eq!(erf(10.0), 1.0);
         assert_eq!(erf(-10.0), -1.0);
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let specials = [
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::from_bits(0x3f80_8000), // a tie, rounds to even (down)
+            f32::from_bits(0x3f81_8000), // a tie, rounds to even (up)
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        let sweep = (0..1_000_000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(4_294_967_291 / 1_000_000 * 3)));
+        for x in specials.into_iter().chain(sweep) {
+            let (ours, half) = (round_bf16(x), bf16::from_f32(x));
+            assert!(
+                ours.to_bits() == half.to_bits() || (ours.is_nan() && half.is_nan()),
+                "{x:e} ({:#x}): {:#x} vs {:#x}",
+                x.to_bits(),
+                ours.to_bits(),
+                half.to_bits()
+            );
+        }
     }
 }

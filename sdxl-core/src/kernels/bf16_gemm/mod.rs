@@ -35,6 +35,7 @@ pub use pack::{
     PackedBBuilder,
 };
 
+use super::math::round_bf16;
 use crate::error::{Error, Result};
 
 /// Rows of C per micro-tile (one broadcast A pair per row and k-pair).
@@ -93,11 +94,7 @@ impl GemmOutput for f32 {
 impl GemmOutput for bf16 {
     #[inline(always)]
     fn combine(old: Self, acc: f32, accumulate: bool) -> Self {
-        if accumulate {
-            bf16::from_f32(old.to_f32() + acc)
-        } else {
-            bf16::from_f32(acc)
-        }
+        round_bf16(if accumulate { old.to_f32() + acc } else { acc })
     }
 }
 
@@ -550,8 +547,45 @@ fn compute_task<O: GemmOutput>(
 }
 
 /// Writes the part inside C of a `block_rows x block_cols` scratch block whose corner is C's
-/// `(r0, c0)`.
+/// `(r0, c0)`, with AVX-512 where the CPU has it (the conversion to bf16 then runs 16 lanes
+/// wide).
+#[inline(always)]
 fn write_block<O: GemmOutput>(
+    scratch: &[f32],
+    ldc: usize,
+    out: &OutPtr<O>,
+    bias: Bias<'_>,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above); the callee's contract is
+        // `write_block_body`'s.
+        return unsafe { write_block_avx512(scratch, ldc, out, bias, rows, cols, accumulate) };
+    }
+    write_block_body(scratch, ldc, out, bias, rows, cols, accumulate);
+}
+
+/// [`write_block_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn write_block_avx512<O: GemmOutput>(
+    scratch: &[f32],
+    ldc: usize,
+    out: &OutPtr<O>,
+    bias: Bias<'_>,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    accumulate: bool,
+) {
+    write_block_body(scratch, ldc, out, bias, rows, cols, accumulate);
+}
+
+/// The work of [`write_block`]; the same arithmetic whatever the vector width.
+#[inline(always)]
+fn write_block_body<O: GemmOutput>(
     scratch: &[f32],
     ldc: usize,
     out: &OutPtr<O>,
