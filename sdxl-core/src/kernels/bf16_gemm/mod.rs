@@ -532,68 +532,63 @@ fn compute_task<O: GemmOutput>(
                     }
                 }
             }
-            write_block(
+            write_block(&BlockWrite {
                 scratch,
                 ldc,
                 out,
                 bias,
-                (ic * MR, im * MR),
-                (jc * NR, jn * NR),
+                rows: (ic * MR, im * MR),
+                cols: (jc * NR, jn * NR),
                 accumulate,
-            );
+            });
         }
     }
     Ok(())
 }
 
-/// Writes the part inside C of a `block_rows x block_cols` scratch block whose corner is C's
-/// `(r0, c0)`, with AVX-512 where the CPU has it (the conversion to bf16 then runs 16 lanes
-/// wide).
-#[inline(always)]
-fn write_block<O: GemmOutput>(
-    scratch: &[f32],
+/// One f32 scratch block to store into C: `ldc`-strided rows, the block's `(first, count)` of
+/// C's rows and columns, the bias and whether to accumulate.
+struct BlockWrite<'w, O> {
+    scratch: &'w [f32],
     ldc: usize,
-    out: &OutPtr<O>,
-    bias: Bias<'_>,
+    out: &'w OutPtr<O>,
+    bias: Bias<'w>,
     rows: (usize, usize),
     cols: (usize, usize),
     accumulate: bool,
-) {
+}
+
+/// Writes the part inside C of a scratch block, with AVX-512 where the CPU has it (the
+/// conversion to bf16 then runs 16 lanes wide).
+#[inline(always)]
+fn write_block<O: GemmOutput>(block: &BlockWrite<'_, O>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above); the callee's contract is
-        // `write_block_body`'s.
-        return unsafe { write_block_avx512(scratch, ldc, out, bias, rows, cols, accumulate) };
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { write_block_avx512(block) };
     }
-    write_block_body(scratch, ldc, out, bias, rows, cols, accumulate);
+    write_block_body(block);
 }
 
 /// [`write_block_body`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn write_block_avx512<O: GemmOutput>(
-    scratch: &[f32],
-    ldc: usize,
-    out: &OutPtr<O>,
-    bias: Bias<'_>,
-    rows: (usize, usize),
-    cols: (usize, usize),
-    accumulate: bool,
-) {
-    write_block_body(scratch, ldc, out, bias, rows, cols, accumulate);
+fn write_block_avx512<O: GemmOutput>(block: &BlockWrite<'_, O>) {
+    write_block_body(block);
 }
 
 /// The work of [`write_block`]; the same arithmetic whatever the vector width.
 #[inline(always)]
-fn write_block_body<O: GemmOutput>(
-    scratch: &[f32],
-    ldc: usize,
-    out: &OutPtr<O>,
-    bias: Bias<'_>,
-    (r0, block_rows): (usize, usize),
-    (c0, block_cols): (usize, usize),
-    accumulate: bool,
-) {
+fn write_block_body<O: GemmOutput>(block: &BlockWrite<'_, O>) {
+    let BlockWrite {
+        scratch,
+        ldc,
+        out,
+        bias,
+        rows: (r0, block_rows),
+        cols: (c0, block_cols),
+        accumulate,
+    } = *block;
     let cols = out.cols.saturating_sub(c0).min(block_cols).min(ldc);
     let rows = out.rows.saturating_sub(r0).min(block_rows);
     for (i, srow) in scratch.chunks_exact(ldc).take(rows).enumerate() {
