@@ -918,10 +918,15 @@ impl PackedKeys {
                 .enumerate()
                 .try_for_each(pack_one)
         } else {
-            all.par_chunks_exact_mut(stride)
+            // One run of consecutive blocks per thread (see `bf16_gemm`'s packing of A).
+            let per_thread = blocks.div_ceil(threads);
+            all.par_chunks_mut(stride * per_thread)
                 .enumerate()
-                .with_min_len(blocks.div_ceil(threads))
-                .try_for_each(pack_one)
+                .try_for_each(|(t, run)| {
+                    run.chunks_exact_mut(stride)
+                        .enumerate()
+                        .try_for_each(|(i, dst)| pack_one((t * per_thread + i, dst)))
+                })
         };
         let packed = Self {
             data,

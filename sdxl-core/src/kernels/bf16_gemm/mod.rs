@@ -414,16 +414,22 @@ fn gemm_with<O: GemmOutput>(
     let a_panels: &[u32] = match a {
         Lhs::Matrix(a) => {
             let packed = apack.get_mut(..a_len.unwrap_or(0)).ok_or_else(internal)?;
-            let pack_rows =
-                |(r, dst): (usize, &mut [u32])| pack::pack_a_panel::<MR>(&a, r * MR, dst);
+            // One run of consecutive panels per thread. (`with_min_len(ceil(panels /
+            // threads))` would not split an odd number of panels at all, leaving the
+            // packing to the calling thread while the pool idles.)
+            let per_thread = m_panels.div_ceil(threads);
+            let pack_run = |(t, run): (usize, &mut [u32])| {
+                for (i, dst) in run.chunks_mut(panel_a).enumerate() {
+                    pack::pack_a_panel::<MR>(&a, (t * per_thread + i) * MR, dst);
+                }
+            };
             if threads == 1 {
-                packed.chunks_mut(panel_a).enumerate().for_each(pack_rows);
+                pack_run((0, packed));
             } else {
                 packed
-                    .par_chunks_mut(panel_a)
-                    .with_min_len(m_panels.div_ceil(threads))
+                    .par_chunks_mut(panel_a * per_thread)
                     .enumerate()
-                    .for_each(pack_rows);
+                    .for_each(pack_run);
             }
             packed
         }
