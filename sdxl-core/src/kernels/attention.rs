@@ -36,6 +36,7 @@ use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
 use super::math::{exp, round_bf16};
+use super::parallel::for_each_run;
 use crate::error::{Error, Result};
 
 /// What [`attention`] computes, besides its operands.
@@ -898,7 +899,7 @@ impl PackedKeys {
             blocks.checked_mul(stride).ok_or_else(overflow)?,
             "packed attention keys",
         )?;
-        let pack_one = |(block, dst): (usize, &mut [u32])| -> Result<()> {
+        let pack_one = |block: usize, dst: &mut [u32]| -> Result<()> {
             let (pair, index) = (block / shape.key_blocks(), block % shape.key_blocks());
             let (b, head) = (pair / shape.heads, pair % shape.heads);
             let first_key = index * kb;
@@ -913,21 +914,7 @@ impl PackedKeys {
             bf16_gemm::pack_b_into(v.head(b, head, d, first_key, cols).mat()?, v_dst)
         };
         let all = data.get_mut(..blocks * stride).ok_or_else(internal)?;
-        let done = if threads <= 1 || blocks <= 1 {
-            all.chunks_exact_mut(stride)
-                .enumerate()
-                .try_for_each(pack_one)
-        } else {
-            // One run of consecutive blocks per thread (see `bf16_gemm`'s packing of A).
-            let per_thread = blocks.div_ceil(threads);
-            all.par_chunks_mut(stride * per_thread)
-                .enumerate()
-                .try_for_each(|(t, run)| {
-                    run.chunks_exact_mut(stride)
-                        .enumerate()
-                        .try_for_each(|(i, dst)| pack_one((t * per_thread + i, dst)))
-                })
-        };
+        let done = for_each_run(all, stride, threads, pack_one);
         let packed = Self {
             data,
             k_len,

@@ -8,4 +8,5 @@ pub mod conv2d;
 pub mod group_norm;
 mod math;
 pub mod matmul;
+mod parallel;
 pub mod transpose;

@@ -36,6 +36,7 @@ pub use pack::{
 };
 
 use super::math::round_bf16;
+use super::parallel::for_each_run;
 use crate::error::{Error, Result};
 
 /// Rows of C per micro-tile (one broadcast A pair per row and k-pair).
@@ -414,23 +415,10 @@ fn gemm_with<O: GemmOutput>(
     let a_panels: &[u32] = match a {
         Lhs::Matrix(a) => {
             let packed = apack.get_mut(..a_len.unwrap_or(0)).ok_or_else(internal)?;
-            // One run of consecutive panels per thread. (`with_min_len(ceil(panels /
-            // threads))` would not split an odd number of panels at all, leaving the
-            // packing to the calling thread while the pool idles.)
-            let per_thread = m_panels.div_ceil(threads);
-            let pack_run = |(t, run): (usize, &mut [u32])| {
-                for (i, dst) in run.chunks_mut(panel_a).enumerate() {
-                    pack::pack_a_panel::<MR>(&a, (t * per_thread + i) * MR, dst);
-                }
-            };
-            if threads == 1 {
-                pack_run((0, packed));
-            } else {
-                packed
-                    .par_chunks_mut(panel_a * per_thread)
-                    .enumerate()
-                    .for_each(pack_run);
-            }
+            for_each_run(packed, panel_a, threads, |r, dst| {
+                pack::pack_a_panel::<MR>(&a, r * MR, dst);
+                Ok::<(), Error>(())
+            })?;
             packed
         }
         Lhs::Packed(p) => p.panels(),
