@@ -22,6 +22,8 @@
 //! of a bf16 UNet step at 512 px, where every weight is streamed once per step) disappears,
 //! and the packed form takes no more memory than the bf16 matrix.
 
+#[cfg(target_arch = "x86_64")]
+mod lines;
 mod mat;
 mod microkernel;
 mod pack;

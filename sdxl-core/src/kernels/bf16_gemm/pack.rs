@@ -336,10 +336,30 @@ fn at<'a>(m: &MatRef<'a, bf16>, i: usize, j: usize) -> Option<&'a bf16> {
 /// Packs `W` lines that run along k (rows of a row-major A, columns of a transposed B) into
 /// `[k2][W]` pairs; a line shorter than k (e.g. empty, past the matrix) is zero-padded.
 ///
-/// Works in blocks of 16 pairs (one 64-byte line of each source), reading each source line
-/// sequentially while the `16 x W` destination block stays in L1.
+/// Whole blocks of 16 pairs go through [`super::lines`] where the CPU has AVX-512; the rest
+/// (and everything elsewhere) through [`pack_lines_scalar`].
 #[inline(always)]
 fn pack_lines<const W: usize>(lines: &[&[bf16]; W], dst: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    let done = if super::lines::available() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { super::lines::pack_full_blocks(lines, dst) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    let rest: [&[bf16]; W] = std::array::from_fn(|j| lines[j].get(done..).unwrap_or(&[]));
+    if let Some(dst) = dst.get_mut(done / 2 * W..) {
+        pack_lines_scalar(&rest, dst);
+    }
+}
+
+/// [`pack_lines`] one pair at a time. Works in blocks of 16 pairs (one 64-byte line of each
+/// source), reading each source line sequentially while the `16 x W` destination block stays
+/// in L1.
+#[inline(always)]
+fn pack_lines_scalar<const W: usize>(lines: &[&[bf16]; W], dst: &mut [u32]) {
     const BLOCK: usize = 16;
     for (blk, d) in dst.chunks_mut(BLOCK * W).enumerate() {
         let k0 = 2 * BLOCK * blk;
