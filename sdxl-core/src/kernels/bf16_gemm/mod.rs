@@ -22,6 +22,7 @@
 //! of a bf16 UNet step at 512 px, where every weight is streamed once per step) disappears,
 //! and the packed form takes no more memory than the bf16 matrix.
 
+mod indexed;
 #[cfg(target_arch = "x86_64")]
 mod lines;
 mod mat;
@@ -31,6 +32,7 @@ mod pack;
 use half::bf16;
 use rayon::prelude::*;
 
+pub use indexed::{IndexedB, PANEL_COLUMNS};
 pub use mat::{MatMut, MatRef};
 pub use pack::{
     pack_a, pack_a_into, pack_b, pack_b_into, packed_a_len, packed_len, PackedA, PackedB,
@@ -128,6 +130,30 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Native => microkernel::avx512::kernel::<MR, NV>(kp, a, b, c, ldc, first),
             Kernel::Portable => microkernel::portable::<MR, NR>(kp, a, b, c, ldc, first),
+        }
+    }
+
+    /// One micro-tile with B read in place: k-pairs `pairs` of panel `panel`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn tile_indexed(
+        self,
+        pairs: std::ops::Range<usize>,
+        a: &[u32],
+        b: &IndexedB<'_>,
+        panel: usize,
+        c: &mut [f32],
+        ldc: usize,
+        first: bool,
+    ) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Native => {
+                microkernel::avx512::kernel_indexed::<MR, NV>(pairs, a, b, panel, c, ldc, first)
+            }
+            Kernel::Portable => {
+                microkernel::portable_indexed::<MR, NR>(pairs, a, b, panel, c, ldc, first)
+            }
         }
     }
 }
@@ -243,6 +269,8 @@ pub enum Rhs<'a> {
     Matrix(MatRef<'a, bf16>),
     /// Every panel, packed beforehand.
     Packed(PackedB<'a>),
+    /// Read in place through offset tables (a convolution's channel-paired input).
+    Indexed(IndexedB<'a>),
 }
 
 impl Rhs<'_> {
@@ -251,6 +279,7 @@ impl Rhs<'_> {
         match self {
             Rhs::Matrix(b) => (b.rows, b.cols),
             Rhs::Packed(p) => (p.rows(), p.cols()),
+            Rhs::Indexed(p) => (p.rows(), p.cols()),
         }
     }
 }
@@ -464,7 +493,7 @@ fn run_task<O: GemmOutput>(job: &Job<'_, O>, task: &Task) -> Result<()> {
     let ldc = nc_max * NR;
     let b_block = match job.b {
         Rhs::Matrix(_) => nc_max.checked_mul(job.k2 * NR),
-        Rhs::Packed(_) => Some(0),
+        Rhs::Packed(_) | Rhs::Indexed(_) => Some(0),
     };
     let mut bpack = take_buffer(&PACKED_B, b_block, "packed B")?;
     let mut scratch = take_buffer(&SCRATCH, (mc_max * MR).checked_mul(ldc), "GEMM scratch")?;
@@ -508,13 +537,17 @@ fn compute_task<O: GemmOutput>(
                 .panels()
                 .get(jc * panel_b..(jc + jn) * panel_b)
                 .ok_or_else(internal)?,
+            Rhs::Indexed(_) => &[],
         };
         for ic in task.rows.clone().step_by(MC_PANELS) {
             let im = MC_PANELS.min(task.rows.end - ic);
             for pc in (0..k2).step_by(kc2) {
                 let kp = kc2.min(k2 - pc);
                 for jr in 0..jn {
-                    let bp = bpanels.get((jr * k2 + pc) * NR..).ok_or_else(internal)?;
+                    let bp = match b {
+                        Rhs::Indexed(_) => &[],
+                        _ => bpanels.get((jr * k2 + pc) * NR..).ok_or_else(internal)?,
+                    };
                     for ir in 0..im {
                         let ap = apack
                             .get(((ic + ir) * k2 + pc) * MR..)
@@ -522,7 +555,13 @@ fn compute_task<O: GemmOutput>(
                         let cp = scratch
                             .get_mut(ir * MR * ldc + jr * NR..)
                             .ok_or_else(internal)?;
-                        if !kernel.tile(kp, ap, bp, cp, ldc, pc == 0) {
+                        let done = match &b {
+                            Rhs::Indexed(ib) => {
+                                kernel.tile_indexed(pc..pc + kp, ap, ib, jc + jr, cp, ldc, pc == 0)
+                            }
+                            _ => kernel.tile(kp, ap, bp, cp, ldc, pc == 0),
+                        };
+                        if !done {
                             return Err(internal());
                         }
                     }

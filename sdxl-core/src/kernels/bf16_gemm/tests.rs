@@ -3,7 +3,10 @@
 
 use half::bf16;
 
-use super::{gemm_with, pack_a, pack_b, Bias, Kernel, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
+use super::{
+    gemm_with, pack_a, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs,
+    NR,
+};
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
 fn values(len: usize, seed: u64) -> Vec<bf16> {
@@ -372,5 +375,80 @@ fn packed_operands_give_bit_identical_products_and_unpack() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn indexed_b_gives_the_products_of_the_matrix_it_addresses() {
+    // Overlapping runs at scattered offsets (as a convolution's taps read them), a ragged last
+    // panel whose extra columns read other values, several k-blocks, threads.
+    for &(m, k, n) in &[(7usize, 6usize, 40usize), (30, 1300, 96), (13, 64, 33)] {
+        let (k2, panels) = (k / 2, n.div_ceil(NR));
+        let pool: Vec<u32> = values(2 * (k2 * 3 + panels * NR + NR), 9)
+            .chunks_exact(2)
+            .map(|p| u32::from(p[0].to_bits()) | (u32::from(p[1].to_bits()) << 16))
+            .collect();
+        let row_offsets: Vec<usize> = (0..k2).map(|p| (p * 7) % (k2 * 3)).collect();
+        let panel_offsets: Vec<usize> = (0..panels).map(|j| j * NR - j.min(3)).collect();
+        let b = IndexedB::new(&pool, k, n, &row_offsets, &panel_offsets).unwrap();
+        let mut dense = vec![bf16::ZERO; k * n];
+        for p in 0..k2 {
+            for j in 0..n {
+                let pair = pool[row_offsets[p] + panel_offsets[j / NR] + j % NR];
+                dense[2 * p * n + j] = bf16::from_bits(pair as u16);
+                dense[(2 * p + 1) * n + j] = bf16::from_bits((pair >> 16) as u16);
+            }
+        }
+        let dense_b = MatRef::row_major(&dense, k, n).unwrap();
+        let av = values(m * k, 5);
+        let a = MatRef::row_major(&av, m, k).unwrap();
+        let bias: Vec<f32> = (0..m).map(|i| i as f32 - 2.0).collect();
+        for kernel in kernels() {
+            for threads in [1, 2, 3] {
+                let mut want = vec![0f32; m * n];
+                let mut got = vec![0f32; m * n];
+                let c = MatMut::row_major(&mut want, m, n).unwrap();
+                gemm_with(
+                    kernel,
+                    Lhs::Matrix(a),
+                    Rhs::Matrix(dense_b),
+                    Bias::Rows(&bias),
+                    c,
+                    false,
+                    threads,
+                )
+                .unwrap();
+                let c = MatMut::row_major(&mut got, m, n).unwrap();
+                gemm_with(
+                    kernel,
+                    Lhs::Matrix(a),
+                    Rhs::Indexed(b),
+                    Bias::Rows(&bias),
+                    c,
+                    false,
+                    threads,
+                )
+                .unwrap();
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{kernel:?} {m}x{k}x{n} threads={threads}");
+            }
+        }
+        // Runs past the buffer, an odd k and wrong table lengths are refused.
+        let last = pool.len() - panel_offsets[panels - 1] - NR + 1;
+        let mut far = row_offsets.clone();
+        far[0] = last;
+        assert!(
+            IndexedB::new(&pool, k, n, &far, &panel_offsets).is_err(),
+            "past the end"
+        );
+        assert!(
+            IndexedB::new(&pool, k + 1, n, &row_offsets, &panel_offsets).is_err(),
+            "odd k"
+        );
+        assert!(IndexedB::new(&pool, k, n, &row_offsets[1..], &panel_offsets).is_err());
+        assert!(IndexedB::new(&pool, k, n + NR, &row_offsets, &panel_offsets).is_err());
     }
 }

@@ -24,6 +24,11 @@ use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, Rhs};
+use paired::{KOrder, Slab};
+
+mod paired;
+#[cfg(test)]
+mod tests;
 
 /// Bytes of gathered columns a tile aims at when the weight is smaller: about what stays in
 /// the caches a core sees while the GEMM runs over the tile (measured on Zen 4: 1–4 MiB
@@ -31,6 +36,9 @@ use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder,
 const MIN_TILE_BYTES: usize = 1 << 20;
 /// Most bytes of gathered columns per tile, however large the weight.
 const MAX_TILE_BYTES: usize = 32 << 20;
+/// Bytes of channel-paired input a tile aims at (`paired.rs`): about half of a Zen 4 core's
+/// 1 MiB L2, beside the weight's k-block.
+const SLAB_TILE_BYTES: usize = 512 << 10;
 /// Fewest columns per tile: narrower tiles spend more on streaming the weight than they
 /// save in cache misses.
 const MIN_TILE_COLUMNS: usize = 512;
@@ -136,7 +144,9 @@ pub fn conv2d(
 /// A bf16 convolution kernel `[c_out, c_in, kh, kw]` packed once for the native bf16 GEMM (the
 /// weight is the GEMM's A, and a layer's weight is multiplied at every call: packing it per call
 /// cost about 4% of a bf16 UNet step). It replaces the weight (same size); [`weight`] unpacks a
-/// copy.
+/// copy. A kernel with several taps and an even number of input channels is packed with its
+/// input channels in pairs, which lets stride-1 convolutions skip the column matrix (see
+/// `paired.rs`).
 ///
 /// [`weight`]: PackedKernel::weight
 #[derive(Debug, Clone)]
@@ -144,6 +154,8 @@ pub struct PackedKernel {
     /// The packed `u32` pairs, a 1-D U32 tensor on the CPU.
     panels: Tensor,
     dims: [usize; 4],
+    /// The order of the packed columns.
+    order: KOrder,
 }
 
 impl PackedKernel {
@@ -165,13 +177,16 @@ impl PackedKernel {
         let weight = weight.contiguous()?;
         let (storage, layout) = weight.storage_and_layout();
         let values = cpu_slice::<bf16>(&storage, layout)?;
-        let k = c_in * kh * kw;
-        let a = MatRef::new(values, c_out, k, k, 1).map_err(to_candle)?;
+        let (k, taps) = (c_in * kh * kw, kh * kw);
+        let order = KOrder::for_kernel(c_in, taps);
+        let ordered = paired::pair_order(values, c_in, taps, order);
+        let a = MatRef::new(&ordered, c_out, k, k, 1).map_err(to_candle)?;
         let panels = bf16_gemm::pack_a(a).map_err(to_candle)?;
         let len = panels.len();
         Ok(Some(Self {
             panels: Tensor::from_vec(panels, len, &Device::Cpu)?,
             dims: [c_out, c_in, kh, kw],
+            order,
         }))
     }
 
@@ -193,7 +208,8 @@ impl PackedKernel {
         let panels = self.panels.to_vec1::<u32>()?;
         let [c_out, c_in, kh, kw] = self.dims;
         let packed = PackedA::new(&panels, c_out, c_in * kh * kw).map_err(to_candle)?;
-        Tensor::from_vec(packed.unpack(), self.dims.to_vec(), &Device::Cpu)
+        let values = paired::nchw_order(&packed.unpack(), c_in, kh * kw, self.order);
+        Tensor::from_vec(values, self.dims.to_vec(), &Device::Cpu)
     }
 }
 
@@ -220,7 +236,8 @@ pub fn conv2d_packed(
     let (p_storage, p_layout) = kernel.panels.storage_and_layout();
     let panels = cpu_slice::<u32>(&p_storage, p_layout)?;
     let packed = PackedA::new(panels, geometry.c_out, geometry.k()).map_err(to_candle)?;
-    convolve_tensors::<bf16>(&geometry, x, KernelRef::Packed(packed), bias, residual)
+    let w = KernelRef::Packed(packed, kernel.order);
+    convolve_tensors::<bf16>(&geometry, x, w, bias, residual)
 }
 
 /// The convolution of the CPU tensor `x` with the kernel `w` (of `g`'s sizes) into a new
@@ -245,7 +262,7 @@ fn convolve_tensors<T: ConvElement>(
             .map(|(storage, layout)| cpu_slice::<T>(storage, layout))
             .transpose()?,
     };
-    let out = convolve(g, x_data, w, post)?;
+    let out = convolve(g, x_data, w, post, true)?;
     Tensor::from_vec(out, g.out_dims(), &Device::Cpu)
 }
 
@@ -329,13 +346,13 @@ trait ConvElement: WithDType + Default {
 }
 
 /// The convolution kernel as the GEMM's A `[c_out, c_in·kh·kw]`: the NCHW weight's values, or
-/// (bf16) panels packed once by [`PackedKernel`].
+/// (bf16) panels packed once by [`PackedKernel`], with their columns in the given order.
 #[derive(Debug, Clone, Copy)]
 enum KernelRef<'a, T> {
     /// Row-major values.
     Plain(&'a [T]),
     /// Packed bf16 panels.
-    Packed(PackedA<'a>),
+    Packed(PackedA<'a>, KOrder),
 }
 
 impl<'a, T> KernelRef<'a, T> {
@@ -343,7 +360,15 @@ impl<'a, T> KernelRef<'a, T> {
     fn plain(self) -> candle_core::Result<&'a [T]> {
         match self {
             KernelRef::Plain(w) => Ok(w),
-            KernelRef::Packed(_) => candle_core::bail!("conv2d: a packed kernel is bf16 only"),
+            KernelRef::Packed(..) => candle_core::bail!("conv2d: a packed kernel is bf16 only"),
+        }
+    }
+
+    /// The order of k in its columns.
+    fn order(&self) -> KOrder {
+        match self {
+            KernelRef::Plain(_) => KOrder::Nchw,
+            KernelRef::Packed(_, order) => *order,
         }
     }
 
@@ -351,7 +376,7 @@ impl<'a, T> KernelRef<'a, T> {
     fn fits(&self, rows: usize, cols: usize) -> bool {
         match self {
             KernelRef::Plain(w) => w.len() == rows * cols,
-            KernelRef::Packed(p) => p.rows() == rows && p.cols() == cols,
+            KernelRef::Packed(p, _) => p.rows() == rows && p.cols() == cols,
         }
     }
 }
@@ -361,7 +386,7 @@ impl<'a> KernelRef<'a, bf16> {
     fn lhs(self, m: usize, k: usize) -> candle_core::Result<Lhs<'a>> {
         Ok(match self {
             KernelRef::Plain(w) => Lhs::Matrix(MatRef::new(w, m, k, k, 1).map_err(to_candle)?),
-            KernelRef::Packed(p) => Lhs::Packed(p),
+            KernelRef::Packed(p, _) => Lhs::Packed(p),
         })
     }
 }
@@ -371,6 +396,9 @@ impl<'a> KernelRef<'a, bf16> {
 struct TileRows {
     first: usize,
     count: usize,
+    /// Whether the tile reads its input through a channel-paired slab (`paired.rs`) instead
+    /// of gathering a column matrix.
+    direct: bool,
 }
 
 impl ConvElement for f32 {
@@ -507,9 +535,23 @@ fn gemm_f32(
     Ok(())
 }
 
+/// One thread's bf16 tile buffers.
+#[derive(Debug, Default)]
+struct Bf16Scratch {
+    /// Two rows of the column matrix (the gathering path).
+    pair: Vec<bf16>,
+    /// The packed column panels (the gathering path).
+    packed: Vec<u32>,
+    /// The product of a tile spanning images.
+    product: Vec<bf16>,
+    /// The channel-paired input rows (the direct path) and their offset tables.
+    slab: Vec<u32>,
+    row_offsets: Vec<usize>,
+    panel_offsets: Vec<usize>,
+}
+
 impl ConvElement for bf16 {
-    /// One column row pair, the packed columns, product.
-    type Scratch = (Vec<bf16>, Vec<u32>, Vec<bf16>);
+    type Scratch = Bf16Scratch;
 
     fn zeroed(len: usize) -> Vec<Self> {
         // `vec![bf16::ZERO; len]` would write every zero on this thread; zero bits are bf16 0.
@@ -538,35 +580,51 @@ impl ConvElement for bf16 {
             .map_err(to_candle)
     }
 
-    /// Gathers the columns straight into the GEMM's packed k-pair panels (two column rows at a
-    /// time through a small buffer), so the column matrix is neither written out nor packed
-    /// in a second pass.
+    /// Reads the tile's input through a channel-paired [`Slab`] where [`paired::direct_applies`]
+    /// (no column matrix at all); otherwise gathers the columns straight into the GEMM's packed
+    /// k-pair panels (two column rows at a time through a small buffer), so the column matrix
+    /// is neither written out nor packed in a second pass.
     fn tile(
         g: &Geometry,
         x: &[Self],
         w: KernelRef<'_, Self>,
         post: Epilogue<'_, Self>,
         tile: TileRows,
-        (pair, packed, product): &mut Self::Scratch,
+        scratch: &mut Self::Scratch,
         out: OutPtr<Self>,
         threads: usize,
     ) -> candle_core::Result<()> {
         let (n, k) = (tile.count * g.out_w, g.k());
-        let len = bf16_gemm::packed_len(k, n)
-            .ok_or_else(|| candle_core::Error::Msg("conv2d: tile size overflows".into()))?;
-        let mut builder = PackedBBuilder::new(prefix(packed, len), k, n).map_err(to_candle)?;
-        let (even, odd) = prefix(pair, 2 * n).split_at_mut(n);
-        for p in 0..k.div_ceil(2) {
-            gather_row(g, x, tile, 2 * p, even);
-            let odd = if 2 * p + 1 < k {
-                gather_row(g, x, tile, 2 * p + 1, odd);
-                Some(&*odd)
-            } else {
-                None
-            };
-            builder.set_row_pair(p, even, odd);
-        }
-        let b = Rhs::Packed(builder.finish());
+        let Bf16Scratch {
+            pair,
+            packed,
+            product,
+            slab,
+            row_offsets,
+            panel_offsets,
+        } = scratch;
+        let order = w.order();
+        let b = if tile.direct {
+            let slab = Slab::fill(g, x, tile, slab, row_offsets, panel_offsets);
+            Rhs::Indexed(slab.rhs().map_err(to_candle)?)
+        } else {
+            let len = bf16_gemm::packed_len(k, n)
+                .ok_or_else(|| candle_core::Error::Msg("conv2d: tile size overflows".into()))?;
+            let mut builder = PackedBBuilder::new(prefix(packed, len), k, n).map_err(to_candle)?;
+            let (even, odd) = prefix(pair, 2 * n).split_at_mut(n);
+            let taps = g.kernel_h * g.kernel_w;
+            for p in 0..k.div_ceil(2) {
+                gather_row(g, x, tile, order.nchw_index(2 * p, taps), even);
+                let odd = if 2 * p + 1 < k {
+                    gather_row(g, x, tile, order.nchw_index(2 * p + 1, taps), odd);
+                    Some(&*odd)
+                } else {
+                    None
+                };
+                builder.set_row_pair(p, even, odd);
+            }
+            Rhs::Packed(builder.finish())
+        };
         let a = w.lhs(g.c_out, k)?;
         let bias = post.bias.map_or(Bias::None, Bias::Rows);
         store_tile(g, tile, out, post.residual, product, |view, accumulate| {
@@ -587,7 +645,16 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     /// As `F32_SCRATCH`, for bf16.
     static BF16_SCRATCH: std::cell::RefCell<<bf16 as ConvElement>::Scratch> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+        const {
+            std::cell::RefCell::new(Bf16Scratch {
+                pair: Vec::new(),
+                packed: Vec::new(),
+                product: Vec::new(),
+                slab: Vec::new(),
+                row_offsets: Vec::new(),
+                panel_offsets: Vec::new(),
+            })
+        };
 }
 
 /// Runs `f` with this thread's tile buffers, or with fresh ones when they are in use (a thread
@@ -784,12 +851,14 @@ fn cpu_slice<'a, T: WithDType>(
     }
 }
 
-/// Runs the convolution into a fresh NCHW buffer.
+/// Runs the convolution into a fresh NCHW buffer, reading the input through channel-paired
+/// slabs where that applies and `allow_direct` (tests compare the two paths).
 fn convolve<T: ConvElement>(
     g: &Geometry,
     x: &[T],
     w: KernelRef<'_, T>,
     post: Epilogue<'_, T>,
+    allow_direct: bool,
 ) -> candle_core::Result<Vec<T>> {
     let positions = g.positions();
     let image_out = g.c_out * positions;
@@ -823,7 +892,8 @@ fn convolve<T: ConvElement>(
     }
 
     let mut out = T::zeroed(g.batch * image_out);
-    let tiles = plan_tiles::<T>(g, threads);
+    let direct = allow_direct && paired::direct_applies(g, w.order());
+    let tiles = plan_tiles(g, TileSizing::new::<T>(g, direct), threads, direct);
     let gemm_threads = if tiles.len() < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run_tile = |&tile: &TileRows| -> candle_core::Result<()> {
@@ -881,27 +951,56 @@ fn load_residual<T: Copy>(
     }
 }
 
-/// The tiles: runs of output rows, each within one image.
-///
-/// A tile's columns (`k x n`) should stay in cache while the GEMM sweeps the weight over them,
-/// so tiles are small ([`MIN_TILE_BYTES`]), except that every tile streams the whole weight
-/// from memory (and the f32 GEMM packs it again), so a tile's columns are at least as many
-/// bytes as the weight, up to [`MAX_TILE_BYTES`]. Tiles are at least [`MIN_TILE_COLUMNS`] wide
-/// and, where the rows allow, come in a multiple of the thread count so that no thread idles
-/// at the end; when one tile per thread would be narrower than that, a single tile spanning
-/// every image runs on the GEMM's own threads.
-fn plan_tiles<T>(g: &Geometry, threads: usize) -> Vec<TileRows> {
+/// How large a convolution's tiles should be.
+#[derive(Debug, Clone, Copy)]
+struct TileSizing {
+    /// Bytes of working data (gathered columns, or a slab) per output row of a tile.
+    row_bytes: usize,
+    /// Bytes of working data a tile aims at.
+    tile_bytes: usize,
+}
+
+impl TileSizing {
+    /// The gathered columns of a tile should stay in cache while the GEMM sweeps the weight over
+    /// them, so tiles are small ([`MIN_TILE_BYTES`]), except that every tile streams the whole
+    /// weight from memory (and the f32 GEMM packs it again), so a tile's columns are at least as
+    /// many bytes as the weight, up to [`MAX_TILE_BYTES`]. A tile read through a channel-paired
+    /// slab (`paired.rs`) re-reads only its slab, which should stay in the core's L2
+    /// ([`SLAB_TILE_BYTES`]); the weight streams past it once per few hundred columns either way.
+    fn new<T>(g: &Geometry, direct: bool) -> Self {
+        let element = std::mem::size_of::<T>();
+        if direct {
+            return Self {
+                row_bytes: paired::slab_row_bytes(g),
+                tile_bytes: SLAB_TILE_BYTES,
+            };
+        }
+        let weight_bytes = g.c_out * g.k() * element;
+        Self {
+            row_bytes: g.k() * g.out_w * element,
+            tile_bytes: weight_bytes.clamp(MIN_TILE_BYTES, MAX_TILE_BYTES),
+        }
+    }
+}
+
+/// The tiles: runs of output rows, each within one image, of about `sizing.tile_bytes` of
+/// working data, reading a slab (`direct`) where they lie within one image. Tiles are at least [`MIN_TILE_COLUMNS`] wide and, where the rows allow, come
+/// in a multiple of the thread count so that no thread idles at the end; when one tile per
+/// thread would be narrower than that, a single tile spanning every image runs on the GEMM's
+/// own threads.
+fn plan_tiles(g: &Geometry, sizing: TileSizing, threads: usize, direct: bool) -> Vec<TileRows> {
     let total_rows = g.batch * g.out_h;
-    let element = std::mem::size_of::<T>();
-    let weight_bytes = g.c_out * g.k() * element;
-    let tile_bytes = weight_bytes.clamp(MIN_TILE_BYTES, MAX_TILE_BYTES);
-    let row_bytes = g.k() * g.out_w * element;
-    let by_size = (tile_bytes / row_bytes.max(1)).max(1);
+    let by_size = (sizing.tile_bytes / sizing.row_bytes.max(1)).max(1);
     let wide_enough = MIN_TILE_COLUMNS.div_ceil(g.out_w.max(1));
     if total_rows.div_ceil(threads) < wide_enough || g.out_h == 0 {
-        return vec![TileRows {
+        let tile = TileRows {
             first: 0,
             count: total_rows,
+            direct: false,
+        };
+        return vec![TileRows {
+            direct: direct && paired::within_one_image(g, tile),
+            ..tile
         }];
     }
     let rows = by_size.max(wide_enough).min(g.out_h);
@@ -915,6 +1014,7 @@ fn plan_tiles<T>(g: &Geometry, threads: usize) -> Vec<TileRows> {
             (0..g.out_h).step_by(rows).map(move |first| TileRows {
                 first: image * g.out_h + first,
                 count: rows.min(g.out_h - first),
+                direct,
             })
         })
         .collect()
@@ -1023,172 +1123,4 @@ struct GemmShape {
     m: usize,
     n: usize,
     k: usize,
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-    use crate::test_support::max_abs_diff;
-
-    fn config(padding: usize, stride: usize, dilation: usize) -> Conv2dConfig {
-        Conv2dConfig {
-            padding,
-            stride,
-            dilation,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        }
-    }
-
-    /// The preparations every test runs: none, ×2 and ×3 upsampling, bottom-right padding.
-    const PREPS: [InputPrep; 4] = [
-        InputPrep::NONE,
-        InputPrep {
-            upsample: 2,
-            pad_bottom_right: 0,
-        },
-        InputPrep {
-            upsample: 3,
-            pad_bottom_right: 0,
-        },
-        InputPrep {
-            upsample: 1,
-            pad_bottom_right: 1,
-        },
-    ];
-
-    /// Ours against candle's own convolution of the prepared input on shapes that exercise
-    /// every path: padding, strides, dilation, 1×1, tiles spanning images, odd sizes, and each
-    /// input preparation.
-    #[test]
-    fn matches_candle_convolution() {
-        let cases = [
-            // (batch, c_in, h, w, c_out, kernel, padding, stride, dilation)
-            (2, 5, 9, 7, 6, 3, 1, 1, 1),
-            (1, 4, 8, 8, 3, 3, 0, 2, 1),
-            (2, 3, 9, 11, 4, 3, 1, 2, 1),
-            (3, 8, 5, 6, 7, 1, 0, 1, 1),
-            (1, 2, 10, 10, 2, 3, 2, 1, 2),
-            (2, 16, 40, 40, 8, 3, 1, 1, 1),
-            (1, 3, 4, 4, 2, 4, 0, 1, 1),
-        ];
-        for (b, ci, h, w, co, k, p, s, d) in cases {
-            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &Device::Cpu).unwrap();
-            let weight = Tensor::randn(0f32, 1.0, (co, ci, k, k), &Device::Cpu).unwrap();
-            let bias = Tensor::randn(0f32, 1.0, co, &Device::Cpu).unwrap();
-            let cfg = config(p, s, d);
-            for bias in [None, Some(&bias)] {
-                for prep in PREPS {
-                    let ours = conv2d(&x, &weight, bias, &cfg, prep, None).unwrap();
-                    let mut theirs = prep.apply(&x).unwrap().conv2d(&weight, p, s, d, 1).unwrap();
-                    if let Some(bias) = bias {
-                        theirs = theirs
-                            .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
-                            .unwrap();
-                    }
-                    assert_eq!(ours.dims(), theirs.dims());
-                    let case = (b, ci, h, w, co, k, p, s, d);
-                    let worst = max_abs_diff(&ours, &theirs);
-                    assert!(worst < 1e-4, "case {case:?} {prep:?}: worst {worst}");
-                    // A residual accumulated onto the products.
-                    let residual = Tensor::randn(0f32, 1.0, theirs.dims(), &Device::Cpu).unwrap();
-                    let summed = conv2d(&x, &weight, bias, &cfg, prep, Some(&residual)).unwrap();
-                    let worst = max_abs_diff(&summed, &(theirs + &residual).unwrap());
-                    assert!(
-                        worst < 1e-4,
-                        "case {case:?} {prep:?} + residual: worst {worst}"
-                    );
-                }
-            }
-        }
-    }
-
-    /// bf16 against the f32 convolution of the same (bf16-rounded) values: f32 accumulation,
-    /// so only the final rounding to bf16 differs (half an ulp, 2⁻⁸ relative).
-    #[test]
-    fn bf16_matches_f32_of_rounded_values() {
-        let d = &Device::Cpu;
-        if !bf16_gemm::native_available() {
-            // Without AVX512-BF16 the layer widens to f32 instead of calling this kernel.
-            let x = Tensor::zeros((1, 1, 3, 3), DType::BF16, d).unwrap();
-            let w = Tensor::zeros((1, 1, 3, 3), DType::BF16, d).unwrap();
-            assert!(!supports(&x, &w, &config(1, 1, 1)));
-            return;
-        }
-        for ((b, ci, h, w, co, k, p, s), prep) in [
-            (2, 5, 9, 7, 6, 3, 1, 1),
-            (1, 16, 20, 20, 8, 3, 1, 2),
-            (2, 8, 6, 6, 4, 1, 0, 1),
-            // Several tiles when more than one thread runs.
-            (2, 7, 40, 40, 8, 3, 1, 1),
-        ]
-        .into_iter()
-        .zip(PREPS.iter().cycle())
-        {
-            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), d)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            let weight = Tensor::randn(0f32, 1.0, (co, ci, k, k), d)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
-            let cfg = config(p, s, 1);
-            let prep = *prep;
-            let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep, None)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            let reference =
-                conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None).unwrap();
-            let scale = reference
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let worst = max_abs_diff(&ours, &reference);
-            assert!(worst <= scale / 256.0, "worst {worst} (scale {scale})");
-            // The packed kernel: the same weight back, the same output bit for bit.
-            let packed = PackedKernel::pack(&weight).unwrap().unwrap();
-            assert_eq!(packed.dims().to_vec(), weight.dims().to_vec());
-            assert_eq!(max_abs_diff(&packed.weight().unwrap(), &weight), 0.0);
-            let with_packed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, None)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            assert_eq!(max_abs_diff(&with_packed, &ours), 0.0);
-            assert!(conv2d_packed(&wide(&x), &packed, Some(&bias), &cfg, prep, None).is_err());
-            // A bf16 residual is added to the f32 sums before the one rounding.
-            let residual = Tensor::randn(0f32, 1.0, reference.dims(), d)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            let summed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, Some(&residual))
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap();
-            let expected = (&reference + wide(&residual)).unwrap();
-            let worst = max_abs_diff(&summed, &expected);
-            assert!(worst <= (scale + 4.0) / 256.0, "residual: worst {worst}");
-            let wrong = Tensor::zeros((1, 1, 1, 1), DType::BF16, d).unwrap();
-            assert!(conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, Some(&wrong)).is_err());
-        }
-    }
-
-    #[test]
-    fn rejects_mismatched_channels() {
-        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
-        let weight = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d(&x, &weight, None, &config(1, 1, 1), InputPrep::NONE, None).is_err());
-        let weight = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
-        assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE, None).is_err());
-    }
 }

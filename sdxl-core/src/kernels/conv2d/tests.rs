@@ -1,0 +1,260 @@
+//! Tests of the CPU convolution against candle's and between its own paths.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::test_support::max_abs_diff;
+
+fn config(padding: usize, stride: usize, dilation: usize) -> Conv2dConfig {
+    Conv2dConfig {
+        padding,
+        stride,
+        dilation,
+        groups: 1,
+        cudnn_fwd_algo: None,
+    }
+}
+
+/// The preparations every test runs: none, ×2 and ×3 upsampling, bottom-right padding.
+const PREPS: [InputPrep; 4] = [
+    InputPrep::NONE,
+    InputPrep {
+        upsample: 2,
+        pad_bottom_right: 0,
+    },
+    InputPrep {
+        upsample: 3,
+        pad_bottom_right: 0,
+    },
+    InputPrep {
+        upsample: 1,
+        pad_bottom_right: 1,
+    },
+];
+
+/// Ours against candle's own convolution of the prepared input on shapes that exercise
+/// every path: padding, strides, dilation, 1×1, tiles spanning images, odd sizes, and each
+/// input preparation.
+#[test]
+fn matches_candle_convolution() {
+    let cases = [
+        // (batch, c_in, h, w, c_out, kernel, padding, stride, dilation)
+        (2, 5, 9, 7, 6, 3, 1, 1, 1),
+        (1, 4, 8, 8, 3, 3, 0, 2, 1),
+        (2, 3, 9, 11, 4, 3, 1, 2, 1),
+        (3, 8, 5, 6, 7, 1, 0, 1, 1),
+        (1, 2, 10, 10, 2, 3, 2, 1, 2),
+        (2, 16, 40, 40, 8, 3, 1, 1, 1),
+        (1, 3, 4, 4, 2, 4, 0, 1, 1),
+    ];
+    for (b, ci, h, w, co, k, p, s, d) in cases {
+        let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &Device::Cpu).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (co, ci, k, k), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, co, &Device::Cpu).unwrap();
+        let cfg = config(p, s, d);
+        for bias in [None, Some(&bias)] {
+            for prep in PREPS {
+                let ours = conv2d(&x, &weight, bias, &cfg, prep, None).unwrap();
+                let mut theirs = prep.apply(&x).unwrap().conv2d(&weight, p, s, d, 1).unwrap();
+                if let Some(bias) = bias {
+                    theirs = theirs
+                        .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                        .unwrap();
+                }
+                assert_eq!(ours.dims(), theirs.dims());
+                let case = (b, ci, h, w, co, k, p, s, d);
+                let worst = max_abs_diff(&ours, &theirs);
+                assert!(worst < 1e-4, "case {case:?} {prep:?}: worst {worst}");
+                // A residual accumulated onto the products.
+                let residual = Tensor::randn(0f32, 1.0, theirs.dims(), &Device::Cpu).unwrap();
+                let summed = conv2d(&x, &weight, bias, &cfg, prep, Some(&residual)).unwrap();
+                let worst = max_abs_diff(&summed, &(theirs + &residual).unwrap());
+                assert!(
+                    worst < 1e-4,
+                    "case {case:?} {prep:?} + residual: worst {worst}"
+                );
+            }
+        }
+    }
+}
+
+/// bf16 against the f32 convolution of the same (bf16-rounded) values: f32 accumulation,
+/// so only the final rounding to bf16 differs (half an ulp, 2⁻⁸ relative).
+#[test]
+fn bf16_matches_f32_of_rounded_values() {
+    let d = &Device::Cpu;
+    if !bf16_gemm::native_available() {
+        // Without AVX512-BF16 the layer widens to f32 instead of calling this kernel.
+        let x = Tensor::zeros((1, 1, 3, 3), DType::BF16, d).unwrap();
+        let w = Tensor::zeros((1, 1, 3, 3), DType::BF16, d).unwrap();
+        assert!(!supports(&x, &w, &config(1, 1, 1)));
+        return;
+    }
+    for ((b, ci, h, w, co, k, p, s), prep) in [
+        (2, 5, 9, 7, 6, 3, 1, 1),
+        (1, 16, 20, 20, 8, 3, 1, 2),
+        (2, 8, 6, 6, 4, 1, 0, 1),
+        // Several tiles when more than one thread runs.
+        (2, 7, 40, 40, 8, 3, 1, 1),
+    ]
+    .into_iter()
+    .zip(PREPS.iter().cycle())
+    {
+        let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), d)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (co, ci, k, k), d)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
+        let cfg = config(p, s, 1);
+        let prep = *prep;
+        let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep, None)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None).unwrap();
+        let scale = reference
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let worst = max_abs_diff(&ours, &reference);
+        assert!(worst <= scale / 256.0, "worst {worst} (scale {scale})");
+        // The packed kernel: the same weight back, the same output up to the order of the
+        // sums (channels in pairs) and the one rounding.
+        let packed = PackedKernel::pack(&weight).unwrap().unwrap();
+        assert_eq!(packed.dims().to_vec(), weight.dims().to_vec());
+        assert_eq!(max_abs_diff(&packed.weight().unwrap(), &weight), 0.0);
+        let with_packed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, None)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let worst = max_abs_diff(&with_packed, &reference);
+        assert!(
+            worst <= scale / 256.0,
+            "packed: worst {worst} (scale {scale})"
+        );
+        assert!(conv2d_packed(&wide(&x), &packed, Some(&bias), &cfg, prep, None).is_err());
+        // A bf16 residual is added to the f32 sums before the one rounding.
+        let residual = Tensor::randn(0f32, 1.0, reference.dims(), d)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let summed = conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, Some(&residual))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let expected = (&reference + wide(&residual)).unwrap();
+        let worst = max_abs_diff(&summed, &expected);
+        assert!(worst <= (scale + 4.0) / 256.0, "residual: worst {worst}");
+        let wrong = Tensor::zeros((1, 1, 1, 1), DType::BF16, d).unwrap();
+        assert!(conv2d_packed(&x, &packed, Some(&bias), &cfg, prep, Some(&wrong)).is_err());
+    }
+}
+
+#[test]
+fn rejects_mismatched_channels() {
+    let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let weight = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&x, &weight, None, &config(1, 1, 1), InputPrep::NONE, None).is_err());
+    let weight = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE, None).is_err());
+}
+
+/// A packed kernel in channel pairs reads stride-1 tiles through slabs; that path gives the same
+/// bits as gathering the columns (the same sums in the same order), and both match the f32
+/// convolution of the same values. Covers padding, upsampling, bottom-right padding, a residual,
+/// several tiles per image and tiles spanning images.
+#[test]
+fn slab_tiles_match_gathered_columns_bit_for_bit() {
+    let d = &Device::Cpu;
+    if !bf16_gemm::native_available() {
+        return assert!(
+            PackedKernel::pack(&Tensor::zeros((1, 2, 3, 3), DType::BF16, d).unwrap())
+                .unwrap()
+                .is_none()
+        );
+    }
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let mut slab_tiles = 0;
+    for ((b, ci, h, w, co, k, p), prep) in [
+        ((2, 8, 16, 32, 6, 3, 1), InputPrep::NONE),
+        ((2, 8, 12, 32, 6, 3, 1), InputPrep::NONE),
+        ((1, 6, 40, 64, 20, 3, 1), InputPrep::NONE),
+        ((2, 4, 8, 16, 3, 3, 1), InputPrep::upsample(2)),
+        ((1, 10, 31, 31, 5, 3, 1), InputPrep::pad_bottom_right(1)),
+        ((3, 2, 14, 34, 4, 3, 0), InputPrep::NONE),
+        ((2, 32, 64, 64, 8, 3, 1), InputPrep::NONE),
+    ] {
+        let x = bf(Tensor::randn(0f32, 1.0, (b, ci, h, w), d).unwrap());
+        let weight = bf(Tensor::randn(0f32, 1.0, (co, ci, k, k), d).unwrap());
+        let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
+        let cfg = config(p, 1, 1);
+        let g = Geometry::new(x.dims(), weight.dims(), &cfg, prep).unwrap();
+        let packed = PackedKernel::pack(&weight).unwrap().unwrap();
+        assert!(paired::direct_applies(&g, packed.order), "{g:?}");
+        let tiles = plan_tiles(&g, TileSizing::new::<bf16>(&g, true), threads, true);
+        slab_tiles += tiles.iter().filter(|t| t.direct).count();
+        let residual = bf(Tensor::randn(0f32, 1.0, g.out_dims(), d).unwrap());
+        let (xs, xl) = x.storage_and_layout();
+        let x_data = cpu_slice::<bf16>(&xs, xl).unwrap();
+        let (ps, pl) = packed.panels.storage_and_layout();
+        let panels = cpu_slice::<u32>(&ps, pl).unwrap();
+        let a = PackedA::new(panels, co, g.k()).unwrap();
+        let bias_values = bias.to_vec1::<f32>().unwrap();
+        let (rs, rl) = residual.storage_and_layout();
+        let post = Epilogue {
+            bias: Some(&bias_values),
+            residual: Some(cpu_slice::<bf16>(&rs, rl).unwrap()),
+        };
+        let w = KernelRef::Packed(a, packed.order);
+        let slabs = convolve(&g, x_data, w, post, true).unwrap();
+        let columns = convolve(&g, x_data, w, post, false).unwrap();
+        let differ = slabs
+            .iter()
+            .zip(&columns)
+            .filter(|(s, c)| s.to_bits() != c.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{g:?}: {differ} values differ");
+        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None)
+            .unwrap()
+            .add(&wide(&residual))
+            .unwrap();
+        let ours = Tensor::from_vec(slabs, g.out_dims(), d).unwrap();
+        let scale = reference
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let worst = max_abs_diff(&wide(&ours), &reference);
+        println!("{g:?}: worst {worst} (scale {scale})");
+        assert!(worst <= scale / 256.0, "worst {worst} (scale {scale})");
+    }
+    assert!(slab_tiles > 0, "no tile read a slab");
+}
+
+/// Kernels with one tap or an odd number of channels keep the NCHW order; the two orders map
+/// k one to one.
+#[test]
+fn channel_pair_order_is_a_permutation_of_k() {
+    assert_eq!(paired::KOrder::for_kernel(3, 9), paired::KOrder::Nchw);
+    assert_eq!(paired::KOrder::for_kernel(4, 1), paired::KOrder::Nchw);
+    let order = paired::KOrder::for_kernel(6, 9);
+    assert_eq!(order, paired::KOrder::ChannelPairs);
+    let mut seen: Vec<usize> = (0..54).map(|r| order.nchw_index(r, 9)).collect();
+    // Pair 0, tap 1, second channel: channel 1, tap 1.
+    assert_eq!(seen[3], 10);
+    seen.sort_unstable();
+    assert_eq!(seen, (0..54).collect::<Vec<_>>());
+}
