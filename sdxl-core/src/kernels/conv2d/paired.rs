@@ -58,14 +58,22 @@ impl KOrder {
     }
 }
 
+/// The NCHW index of each k index of a row in the channel-pair order, in order (as
+/// [`KOrder::nchw_index`], without a division per value).
+pub(super) fn pair_indices(c_in: usize, taps: usize) -> impl Iterator<Item = usize> {
+    (0..c_in / 2).flat_map(move |pair| {
+        (0..taps).flat_map(move |tap| (0..2).map(move |half| (2 * pair + half) * taps + tap))
+    })
+}
+
 /// The `[c_out, c_in · taps]` NCHW weight rows in `order`.
 pub(super) fn pair_order(weight: &[bf16], c_in: usize, taps: usize, order: KOrder) -> Vec<bf16> {
-    let k = c_in * taps;
     let mut out = weight.to_vec();
     if order == KOrder::ChannelPairs {
+        let k = c_in * taps;
         for (dst, src) in out.chunks_exact_mut(k).zip(weight.chunks_exact(k)) {
-            for (r, d) in dst.iter_mut().enumerate() {
-                *d = src[order.nchw_index(r, taps)];
+            for (d, nchw) in dst.iter_mut().zip(pair_indices(c_in, taps)) {
+                *d = src[nchw];
             }
         }
     }
@@ -74,12 +82,12 @@ pub(super) fn pair_order(weight: &[bf16], c_in: usize, taps: usize, order: KOrde
 
 /// The inverse of [`pair_order`]: NCHW weight rows from rows in `order`.
 pub(super) fn nchw_order(rows: &[bf16], c_in: usize, taps: usize, order: KOrder) -> Vec<bf16> {
-    let k = c_in * taps;
     let mut out = rows.to_vec();
     if order == KOrder::ChannelPairs {
+        let k = c_in * taps;
         for (dst, src) in out.chunks_exact_mut(k).zip(rows.chunks_exact(k)) {
-            for (r, &v) in src.iter().enumerate() {
-                dst[order.nchw_index(r, taps)] = v;
+            for (&v, nchw) in src.iter().zip(pair_indices(c_in, taps)) {
+                dst[nchw] = v;
             }
         }
     }

@@ -255,6 +255,8 @@ fn channel_pair_order_is_a_permutation_of_k() {
     let mut seen: Vec<usize> = (0..54).map(|r| order.nchw_index(r, 9)).collect();
     // Pair 0, tap 1, second channel: channel 1, tap 1.
     assert_eq!(seen[3], 10);
+    let indices: Vec<usize> = paired::pair_indices(6, 9).collect();
+    assert_eq!(indices, seen);
     seen.sort_unstable();
     assert_eq!(seen, (0..54).collect::<Vec<_>>());
 }
