@@ -1,5 +1,6 @@
-//! A B operand read in place: its k-pair rows are runs of `u32` pairs in a caller's buffer,
-//! found through two offset tables instead of being packed.
+//! A B operand read in place: its k-pair rows are runs of `u32` pairs (or f32 rows, for the
+//! f32 convolution) in a caller's buffer, found through two offset tables instead of being
+//! packed.
 //!
 //! A 3×3 convolution whose input channels are stored in pairs (two bf16 of one pixel in one
 //! `u32`) has exactly this shape: the `NR` columns of a panel at k-pair (channel pair, tap) are
@@ -9,12 +10,14 @@
 use super::NR;
 use crate::error::{Error, Result};
 
-/// B `[rows x cols]` (k x n, `rows` even) whose `NR` columns of panel `j` at k-pair `p` are
-/// `values[row_offsets[p] + panel_offsets[j] ..][..NR]`. Columns past `cols` in the last panel
-/// are read too (their products are dropped), so every addressed run lies inside `values`.
+/// B `[rows x cols]` (k x n) whose `NR` columns of panel `j` at k-step `p` are
+/// `values[row_offsets[p] + panel_offsets[j] ..][..NR]`. A k-step is a pair of bf16 rows in one
+/// `u32` (`T = u32`, for the bf16 GEMM; `rows` even) or one f32 row (`T = f32`, for the f32
+/// convolution). Columns past `cols` in the last panel are read too (their products are
+/// dropped), so every addressed run lies inside `values`.
 #[derive(Debug, Clone, Copy)]
-pub struct IndexedB<'a> {
-    values: &'a [u32],
+pub struct IndexedB<'a, T = u32> {
+    values: &'a [T],
     row_offsets: &'a [usize],
     panel_offsets: &'a [usize],
     rows: usize,
@@ -24,9 +27,9 @@ pub struct IndexedB<'a> {
 /// Columns of one panel of B, the width that [`IndexedB`] runs must have.
 pub const PANEL_COLUMNS: usize = NR;
 
-impl<'a> IndexedB<'a> {
-    /// A `rows x cols` B over `values`, with one offset per k-pair (`rows / 2`) and one per
-    /// panel (`ceil(cols / NR)`).
+impl<'a> IndexedB<'a, u32> {
+    /// A bf16 `rows x cols` B over `values` (pairs of rows), with one offset per k-pair
+    /// (`rows / 2`) and one per panel (`ceil(cols / NR)`).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if `rows` is odd, an offset table has the wrong length, or
@@ -38,14 +41,47 @@ impl<'a> IndexedB<'a> {
         row_offsets: &'a [usize],
         panel_offsets: &'a [usize],
     ) -> Result<Self> {
-        if !rows.is_multiple_of(2)
-            || row_offsets.len() != rows / 2
-            || panel_offsets.len() != cols.div_ceil(NR)
-        {
+        if !rows.is_multiple_of(2) {
             return Err(Error::invalid(format!(
-                "indexed B: {rows}x{cols} needs an even k, {} row offsets and {} panel \
-                 offsets, got {} and {}",
-                rows / 2,
+                "indexed B: {rows} rows are not pairs"
+            )));
+        }
+        Self::checked(values, rows / 2, rows, cols, row_offsets, panel_offsets)
+    }
+}
+
+impl<'a> IndexedB<'a, f32> {
+    /// An f32 `rows x cols` B over `values`, with one offset per row and one per panel
+    /// (`ceil(cols / NR)`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if an offset table has the wrong length or a run would end
+    /// past `values`.
+    pub fn new_f32(
+        values: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_offsets: &'a [usize],
+        panel_offsets: &'a [usize],
+    ) -> Result<Self> {
+        Self::checked(values, rows, rows, cols, row_offsets, panel_offsets)
+    }
+}
+
+impl<'a, T> IndexedB<'a, T> {
+    /// The view, after checking `steps` row offsets, the panel offsets and the runs' ends.
+    fn checked(
+        values: &'a [T],
+        steps: usize,
+        rows: usize,
+        cols: usize,
+        row_offsets: &'a [usize],
+        panel_offsets: &'a [usize],
+    ) -> Result<Self> {
+        if row_offsets.len() != steps || panel_offsets.len() != cols.div_ceil(NR) {
+            return Err(Error::invalid(format!(
+                "indexed B: {rows}x{cols} needs {steps} row offsets and {} panel offsets, got \
+                 {} and {}",
                 cols.div_ceil(NR),
                 row_offsets.len(),
                 panel_offsets.len()
@@ -55,7 +91,7 @@ impl<'a> IndexedB<'a> {
         let end = furthest(row_offsets)
             .checked_add(furthest(panel_offsets))
             .and_then(|start| start.checked_add(NR));
-        if rows > 0 && cols > 0 && end.is_none_or(|end| end > values.len()) {
+        if steps > 0 && cols > 0 && end.is_none_or(|end| end > values.len()) {
             return Err(Error::invalid(format!(
                 "indexed B: runs reach past the {} values",
                 values.len()
@@ -80,23 +116,23 @@ impl<'a> IndexedB<'a> {
         self.cols
     }
 
-    /// The `NR` pairs of panel `panel` at k-pair `pair`; `None` outside B.
-    pub(super) fn run(&self, pair: usize, panel: usize) -> Option<&'a [u32]> {
-        let start = self.row_offsets.get(pair)? + self.panel_offsets.get(panel)?;
+    /// The `NR` values of panel `panel` at k-step `step`; `None` outside B.
+    pub(super) fn run(&self, step: usize, panel: usize) -> Option<&'a [T]> {
+        let start = self.row_offsets.get(step)? + self.panel_offsets.get(panel)?;
         self.values.get(start..start + NR)
     }
 
-    /// The buffer, the offsets of k-pairs `pairs` and the offset of panel `panel`, for the
+    /// The buffer, the offsets of k-steps `steps` and the offset of panel `panel`, for the
     /// micro-kernel; `None` outside B. Every run addressed through them lies inside the
-    /// buffer (checked by [`IndexedB::new`]).
+    /// buffer (checked when the view was built).
     pub(super) fn panel(
         &self,
-        pairs: std::ops::Range<usize>,
+        steps: std::ops::Range<usize>,
         panel: usize,
-    ) -> Option<(&'a [u32], &'a [usize], usize)> {
+    ) -> Option<(&'a [T], &'a [usize], usize)> {
         Some((
             self.values,
-            self.row_offsets.get(pairs)?,
+            self.row_offsets.get(steps)?,
             *self.panel_offsets.get(panel)?,
         ))
     }

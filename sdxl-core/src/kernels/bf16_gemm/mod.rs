@@ -22,6 +22,7 @@
 //! of a bf16 UNet step at 512 px, where every weight is streamed once per step) disappears,
 //! and the packed form takes no more memory than the bf16 matrix.
 
+mod f32_panels;
 mod indexed;
 #[cfg(target_arch = "x86_64")]
 mod lines;
@@ -32,6 +33,7 @@ mod pack;
 use half::bf16;
 use rayon::prelude::*;
 
+pub use f32_panels::{pack_a_f32, packed_f32_a_len, PackedF32A};
 pub use indexed::{IndexedB, PANEL_COLUMNS};
 pub use mat::{MatMut, MatRef};
 pub use pack::{
@@ -103,6 +105,19 @@ impl GemmOutput for bf16 {
     }
 }
 
+/// Whether the AVX-512F f32 kernel of [`gemm_f32_indexed`] runs on this CPU (else a portable
+/// one does).
+pub fn f32_native_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        microkernel::avx512::f32_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Which micro-kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -118,6 +133,15 @@ impl Kernel {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         if native_available() {
+            return Kernel::Native;
+        }
+        Kernel::Portable
+    }
+
+    /// The fastest f32 kernel this CPU runs.
+    fn best_f32() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if f32_native_available() {
             return Kernel::Native;
         }
         Kernel::Portable
@@ -153,6 +177,30 @@ impl Kernel {
             }
             Kernel::Portable => {
                 microkernel::portable_indexed::<MR, NR>(pairs, a, b, panel, c, ldc, first)
+            }
+        }
+    }
+
+    /// One f32 micro-tile: rows `steps` of panel `panel` of an f32 B read in place.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn tile_f32(
+        self,
+        steps: std::ops::Range<usize>,
+        a: &[f32],
+        b: &IndexedB<'_, f32>,
+        panel: usize,
+        c: &mut [f32],
+        ldc: usize,
+        first: bool,
+    ) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Native => {
+                microkernel::avx512::kernel_f32::<MR, NV>(steps, a, b, panel, c, ldc, first)
+            }
+            Kernel::Portable => {
+                microkernel::portable_f32::<MR, NR>(steps, a, b, panel, c, ldc, first)
             }
         }
     }
@@ -241,14 +289,41 @@ pub fn gemm_bf16_operands<O: GemmOutput>(
     gemm_with(Kernel::best(), a, b, bias, c, accumulate, threads)
 }
 
+/// `C (+)= A · B + bias` in f32, for an f32 A packed with [`pack_a_f32`] and an f32 B read
+/// in place (the f32 convolution), with the blocking and threading of [`gemm_bf16_operands`].
+/// Results do not depend on `threads`.
+///
+/// # Errors
+/// As [`gemm_bf16_bias`].
+pub fn gemm_f32_indexed(
+    a: PackedF32A<'_>,
+    b: IndexedB<'_, f32>,
+    bias: Bias<'_>,
+    c: MatMut<'_, f32>,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
+    gemm_with(
+        Kernel::best_f32(),
+        Lhs::PackedF32(a),
+        Rhs::IndexedF32(b),
+        bias,
+        c,
+        accumulate,
+        threads,
+    )
+}
+
 /// The left operand A: a matrix (packed during the call) or panels packed once with
-/// [`pack_a`].
+/// [`pack_a`] (or, for [`gemm_f32_indexed`], [`pack_a_f32`]).
 #[derive(Debug, Clone, Copy)]
 pub enum Lhs<'a> {
     /// Packed into `MR`-row panels by the call.
     Matrix(MatRef<'a, bf16>),
     /// Every panel, packed beforehand.
     Packed(PackedA<'a>),
+    /// f32 panels, packed beforehand (only with an f32 B).
+    PackedF32(PackedF32A<'a>),
 }
 
 impl Lhs<'_> {
@@ -257,8 +332,16 @@ impl Lhs<'_> {
         match self {
             Lhs::Matrix(a) => (a.rows, a.cols),
             Lhs::Packed(p) => (p.rows(), p.cols()),
+            Lhs::PackedF32(p) => (p.rows(), p.cols()),
         }
     }
+}
+
+/// Packed A panels of one call: bf16 pairs or f32 values, `MR` per k-step.
+#[derive(Debug, Clone, Copy)]
+enum APanels<'a> {
+    Pairs(&'a [u32]),
+    F32(&'a [f32]),
 }
 
 /// The right operand B: a matrix (packed block by block during the call) or panels packed
@@ -271,6 +354,8 @@ pub enum Rhs<'a> {
     Packed(PackedB<'a>),
     /// Read in place through offset tables (a convolution's channel-paired input).
     Indexed(IndexedB<'a>),
+    /// f32, read in place (only with f32 A panels).
+    IndexedF32(IndexedB<'a, f32>),
 }
 
 impl Rhs<'_> {
@@ -280,6 +365,7 @@ impl Rhs<'_> {
             Rhs::Matrix(b) => (b.rows, b.cols),
             Rhs::Packed(p) => (p.rows(), p.cols()),
             Rhs::Indexed(p) => (p.rows(), p.cols()),
+            Rhs::IndexedF32(p) => (p.rows(), p.cols()),
         }
     }
 }
@@ -433,26 +519,34 @@ fn gemm_with<O: GemmOutput>(
         }
         return Ok(());
     }
+    let f32_operands = matches!(a, Lhs::PackedF32(_));
+    if f32_operands != matches!(b, Rhs::IndexedF32(_)) {
+        return Err(Error::invalid(
+            "f32 A panels go only with an f32 B, and vice versa",
+        ));
+    }
     let threads = threads.max(1);
-    let k2 = k.div_ceil(2);
+    // k-steps: pairs of bf16, or single f32 values.
+    let k2 = if f32_operands { k } else { k.div_ceil(2) };
     let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let panel_a = k2 * MR;
 
     let a_len = match a {
         Lhs::Matrix(_) => m_panels.checked_mul(panel_a),
-        Lhs::Packed(_) => Some(0),
+        Lhs::Packed(_) | Lhs::PackedF32(_) => Some(0),
     };
     let mut apack = take_buffer(&PACKED_A, a_len, "packed A")?;
-    let a_panels: &[u32] = match a {
+    let a_panels = match a {
         Lhs::Matrix(a) => {
             let packed = apack.get_mut(..a_len.unwrap_or(0)).ok_or_else(internal)?;
             for_each_run(packed, panel_a, threads, |r, dst| {
                 pack::pack_a_panel::<MR>(&a, r * MR, dst);
                 Ok::<(), Error>(())
             })?;
-            packed
+            APanels::Pairs(packed)
         }
-        Lhs::Packed(p) => p.panels(),
+        Lhs::Packed(p) => APanels::Pairs(p.panels()),
+        Lhs::PackedF32(p) => APanels::F32(p.panels()),
     };
 
     let tasks = plan(m_panels, n_panels, threads);
@@ -478,7 +572,7 @@ fn gemm_with<O: GemmOutput>(
 /// What every task of one GEMM shares.
 struct Job<'j, O> {
     kernel: Kernel,
-    apack: &'j [u32],
+    apack: APanels<'j>,
     b: Rhs<'j>,
     bias: Bias<'j>,
     k2: usize,
@@ -493,7 +587,7 @@ fn run_task<O: GemmOutput>(job: &Job<'_, O>, task: &Task) -> Result<()> {
     let ldc = nc_max * NR;
     let b_block = match job.b {
         Rhs::Matrix(_) => nc_max.checked_mul(job.k2 * NR),
-        Rhs::Packed(_) | Rhs::Indexed(_) => Some(0),
+        Rhs::Packed(_) | Rhs::Indexed(_) | Rhs::IndexedF32(_) => Some(0),
     };
     let mut bpack = take_buffer(&PACKED_B, b_block, "packed B")?;
     let mut scratch = take_buffer(&SCRATCH, (mc_max * MR).checked_mul(ldc), "GEMM scratch")?;
@@ -537,7 +631,7 @@ fn compute_task<O: GemmOutput>(
                 .panels()
                 .get(jc * panel_b..(jc + jn) * panel_b)
                 .ok_or_else(internal)?,
-            Rhs::Indexed(_) => &[],
+            Rhs::Indexed(_) | Rhs::IndexedF32(_) => &[],
         };
         for ic in task.rows.clone().step_by(MC_PANELS) {
             let im = MC_PANELS.min(task.rows.end - ic);
@@ -545,21 +639,29 @@ fn compute_task<O: GemmOutput>(
                 let kp = kc2.min(k2 - pc);
                 for jr in 0..jn {
                     let bp = match b {
-                        Rhs::Indexed(_) => &[],
+                        Rhs::Indexed(_) | Rhs::IndexedF32(_) => &[],
                         _ => bpanels.get((jr * k2 + pc) * NR..).ok_or_else(internal)?,
                     };
                     for ir in 0..im {
-                        let ap = apack
-                            .get(((ic + ir) * k2 + pc) * MR..)
-                            .ok_or_else(internal)?;
+                        let at = ((ic + ir) * k2 + pc) * MR;
                         let cp = scratch
                             .get_mut(ir * MR * ldc + jr * NR..)
                             .ok_or_else(internal)?;
-                        let done = match &b {
-                            Rhs::Indexed(ib) => {
-                                kernel.tile_indexed(pc..pc + kp, ap, ib, jc + jr, cp, ldc, pc == 0)
+                        let (steps, panel, first) = (pc..pc + kp, jc + jr, pc == 0);
+                        let done = match (&b, apack) {
+                            (Rhs::IndexedF32(ib), APanels::F32(ap)) => {
+                                let ap = ap.get(at..).ok_or_else(internal)?;
+                                kernel.tile_f32(steps, ap, ib, panel, cp, ldc, first)
                             }
-                            _ => kernel.tile(kp, ap, bp, cp, ldc, pc == 0),
+                            (Rhs::Indexed(ib), APanels::Pairs(ap)) => {
+                                let ap = ap.get(at..).ok_or_else(internal)?;
+                                kernel.tile_indexed(steps, ap, ib, panel, cp, ldc, first)
+                            }
+                            (Rhs::Matrix(_) | Rhs::Packed(_), APanels::Pairs(ap)) => {
+                                let ap = ap.get(at..).ok_or_else(internal)?;
+                                kernel.tile(kp, ap, bp, cp, ldc, first)
+                            }
+                            _ => false,
                         };
                         if !done {
                             return Err(internal());

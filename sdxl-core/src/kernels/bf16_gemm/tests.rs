@@ -4,8 +4,8 @@
 use half::bf16;
 
 use super::{
-    gemm_with, pack_a, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs,
-    NR,
+    gemm_with, pack_a, pack_a_f32, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut, MatRef, PackedA,
+    PackedB, PackedF32A, Rhs, NR,
 };
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
@@ -450,5 +450,78 @@ fn indexed_b_gives_the_products_of_the_matrix_it_addresses() {
         );
         assert!(IndexedB::new(&pool, k, n, &row_offsets[1..], &panel_offsets).is_err());
         assert!(IndexedB::new(&pool, k, n + NR, &row_offsets, &panel_offsets).is_err());
+    }
+}
+
+#[test]
+fn f32_panels_times_indexed_b_match_a_reference_on_every_kernel() {
+    // Ragged rows (m not a multiple of MR), a ragged last panel, several k-blocks, threads,
+    // accumulation onto C and a row bias.
+    for &(m, k, n) in &[(5usize, 3usize, 40usize), (30, 700, 96), (13, 64, 33)] {
+        let panels = n.div_ceil(NR);
+        let pool: Vec<f32> = values(k * 2 + panels * NR + NR, 11)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let row_offsets: Vec<usize> = (0..k).map(|r| (r * 5) % (k * 2)).collect();
+        let panel_offsets: Vec<usize> = (0..panels).map(|j| j * NR - j.min(2)).collect();
+        let b = IndexedB::new_f32(&pool, k, n, &row_offsets, &panel_offsets).unwrap();
+        let av: Vec<f32> = values(m * k, 12).iter().map(|v| v.to_f32()).collect();
+        let a_panels = pack_a_f32(MatRef::row_major(&av, m, k).unwrap()).unwrap();
+        let a = PackedF32A::new(&a_panels, m, k).unwrap();
+        assert!(
+            PackedF32A::new(&a_panels[1..], m, k).is_err(),
+            "short panels"
+        );
+        assert_eq!(a.unpack(), av);
+        let bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let start: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+        let mut results = Vec::new();
+        for kernel in kernels() {
+            for threads in [1, 2, 3] {
+                let mut c = start.clone();
+                let view = MatMut::row_major(&mut c, m, n).unwrap();
+                let (lhs, rhs) = (Lhs::PackedF32(a), Rhs::IndexedF32(b));
+                gemm_with(kernel, lhs, rhs, Bias::Rows(&bias), view, true, threads).unwrap();
+                results.push(c);
+            }
+        }
+        let mut worst = 0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut scale) = (f64::from(start[i * n + j] + bias[i]), 1f64);
+                for r in 0..k {
+                    let x = f64::from(av[i * k + r]);
+                    let y = f64::from(pool[row_offsets[r] + panel_offsets[j / NR] + j % NR]);
+                    want += x * y;
+                    scale += (x * y).abs();
+                }
+                worst = worst.max((f64::from(results[0][i * n + j]) - want).abs() / scale);
+            }
+        }
+        println!("{m}x{k}x{n}: worst relative error {worst:e}");
+        assert!(worst < 1e-6, "{m}x{k}x{n}: worst {worst}");
+        for other in &results[1..] {
+            let same = other
+                .iter()
+                .zip(&results[0])
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{m}x{k}x{n}: kernels or thread counts disagree");
+        }
+        // f32 panels go only with an f32 B.
+        let mut c = start.clone();
+        let view = MatMut::row_major(&mut c, m, n).unwrap();
+        let dense = vec![bf16::ZERO; k * n];
+        let bad = Rhs::Matrix(MatRef::row_major(&dense, k, n).unwrap());
+        assert!(gemm_with(
+            Kernel::Portable,
+            Lhs::PackedF32(a),
+            bad,
+            Bias::None,
+            view,
+            false,
+            1
+        )
+        .is_err());
     }
 }

@@ -23,10 +23,15 @@ use candle_nn::Conv2dConfig;
 use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, Rhs};
-use paired::{KOrder, Slab};
+use super::bf16_gemm::{
+    self, Bias, IndexedB, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, PackedF32A, Rhs,
+    PANEL_COLUMNS,
+};
+use paired::KOrder;
+use slab::Slab;
 
 mod paired;
+mod slab;
 #[cfg(test)]
 mod tests;
 
@@ -141,17 +146,17 @@ pub fn conv2d(
     }
 }
 
-/// A bf16 convolution kernel `[c_out, c_in, kh, kw]` packed once for the native bf16 GEMM (the
+/// A convolution kernel `[c_out, c_in, kh, kw]` packed once for our GEMM micro-kernels (the
 /// weight is the GEMM's A, and a layer's weight is multiplied at every call: packing it per call
 /// cost about 4% of a bf16 UNet step). It replaces the weight (same size); [`weight`] unpacks a
-/// copy. A kernel with several taps and an even number of input channels is packed with its
-/// input channels in pairs, which lets stride-1 convolutions skip the column matrix (see
-/// `paired.rs`).
+/// copy. A bf16 kernel with several taps and an even number of input channels is packed with
+/// its input channels in pairs (`paired.rs`); such kernels and f32 kernels let stride-1
+/// convolutions skip the column matrix (`slab.rs`).
 ///
 /// [`weight`]: PackedKernel::weight
 #[derive(Debug, Clone)]
 pub struct PackedKernel {
-    /// The packed `u32` pairs, a 1-D U32 tensor on the CPU.
+    /// The packed panels, a 1-D CPU tensor: `u32` pairs (bf16 kernels) or f32.
     panels: Tensor,
     dims: [usize; 4],
     /// The order of the packed columns.
@@ -159,8 +164,9 @@ pub struct PackedKernel {
 }
 
 impl PackedKernel {
-    /// Packs `weight` when [`conv2d_packed`] can use it: a 4-d bf16 CPU tensor, on a CPU with
-    /// AVX512-BF16. `None` otherwise.
+    /// Packs `weight` when [`conv2d_packed`] can use it: a 4-d CPU tensor in bf16 (on a CPU
+    /// with AVX512-BF16) or in f32 with several taps (on a CPU with AVX-512F; f32 1×1 kernels
+    /// multiply the input in place with the `gemm` crate). `None` otherwise.
     ///
     /// # Errors
     /// A tensor operation fails.
@@ -168,16 +174,29 @@ impl PackedKernel {
         let &[c_out, c_in, kh, kw] = weight.dims() else {
             return Ok(None);
         };
-        if weight.dtype() != DType::BF16
-            || !weight.device().is_cpu()
-            || !bf16_gemm::native_available()
-        {
+        let (k, taps) = (c_in * kh * kw, kh * kw);
+        if !weight.device().is_cpu() {
+            return Ok(None);
+        }
+        if weight.dtype() == DType::F32 && taps > 1 && bf16_gemm::f32_native_available() {
+            let weight = weight.contiguous()?;
+            let (storage, layout) = weight.storage_and_layout();
+            let values = cpu_slice::<f32>(&storage, layout)?;
+            let a = MatRef::new(values, c_out, k, k, 1).map_err(to_candle)?;
+            let panels = bf16_gemm::pack_a_f32(a).map_err(to_candle)?;
+            let len = panels.len();
+            return Ok(Some(Self {
+                panels: Tensor::from_vec(panels, len, &Device::Cpu)?,
+                dims: [c_out, c_in, kh, kw],
+                order: KOrder::Nchw,
+            }));
+        }
+        if weight.dtype() != DType::BF16 || !bf16_gemm::native_available() {
             return Ok(None);
         }
         let weight = weight.contiguous()?;
         let (storage, layout) = weight.storage_and_layout();
         let values = cpu_slice::<bf16>(&storage, layout)?;
-        let (k, taps) = (c_in * kh * kw, kh * kw);
         let order = KOrder::for_kernel(c_in, taps);
         let ordered = paired::pair_order(values, c_in, taps, order);
         let a = MatRef::new(&ordered, c_out, k, k, 1).map_err(to_candle)?;
@@ -195,28 +214,42 @@ impl PackedKernel {
         self.dims
     }
 
+    /// The dtype of the kernel and of the inputs it convolves: bf16 or f32.
+    pub fn dtype(&self) -> DType {
+        match self.panels.dtype() {
+            DType::F32 => DType::F32,
+            _ => DType::BF16,
+        }
+    }
+
     /// The id of the packed storage (it changes only when the layer gets another weight).
     pub fn id(&self) -> candle_core::TensorId {
         self.panels.id()
     }
 
-    /// The weight in bf16, unpacked into a new tensor.
+    /// The weight in its dtype, unpacked into a new tensor.
     ///
     /// # Errors
     /// A tensor operation fails.
     pub fn weight(&self) -> candle_core::Result<Tensor> {
-        let panels = self.panels.to_vec1::<u32>()?;
         let [c_out, c_in, kh, kw] = self.dims;
+        if self.dtype() == DType::F32 {
+            let panels = self.panels.to_vec1::<f32>()?;
+            let packed = PackedF32A::new(&panels, c_out, c_in * kh * kw).map_err(to_candle)?;
+            return Tensor::from_vec(packed.unpack(), self.dims.to_vec(), &Device::Cpu);
+        }
+        let panels = self.panels.to_vec1::<u32>()?;
         let packed = PackedA::new(&panels, c_out, c_in * kh * kw).map_err(to_candle)?;
         let values = paired::nchw_order(&packed.unpack(), c_in, kh * kw, self.order);
         Tensor::from_vec(values, self.dims.to_vec(), &Device::Cpu)
     }
 }
 
-/// [`conv2d`] with a packed bf16 kernel, for a bf16 CPU `x`.
+/// [`conv2d`] with a packed kernel, for a CPU `x` of the kernel's dtype.
 ///
 /// # Errors
-/// `x` not a 4-d bf16 CPU tensor, shapes that do not fit, or a tensor operation fails.
+/// `x` not a 4-d CPU tensor of the kernel's dtype, shapes that do not fit, or a tensor
+/// operation fails.
 pub fn conv2d_packed(
     x: &Tensor,
     kernel: &PackedKernel,
@@ -225,17 +258,25 @@ pub fn conv2d_packed(
     prep: InputPrep,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    if x.dtype() != DType::BF16 || !x.device().is_cpu() || config.groups != 1 {
+    if x.dtype() != kernel.dtype() || !x.device().is_cpu() || config.groups != 1 {
         candle_core::bail!(
-            "conv2d: a packed kernel needs a bf16 CPU input and one group, got {:?} on {:?}",
+            "conv2d: a packed {:?} kernel needs a {:?} CPU input and one group, got {:?} on {:?}",
+            kernel.dtype(),
+            kernel.dtype(),
             x.dtype(),
             x.device()
         )
     }
     let geometry = Geometry::new(x.dims(), &kernel.dims, config, prep)?;
     let (p_storage, p_layout) = kernel.panels.storage_and_layout();
+    let (c_out, k) = (geometry.c_out, geometry.k());
+    if kernel.dtype() == DType::F32 {
+        let panels = cpu_slice::<f32>(&p_storage, p_layout)?;
+        let packed = PackedF32A::new(panels, c_out, k).map_err(to_candle)?;
+        return convolve_tensors::<f32>(&geometry, x, KernelRef::PackedF32(packed), bias, residual);
+    }
     let panels = cpu_slice::<u32>(&p_storage, p_layout)?;
-    let packed = PackedA::new(panels, geometry.c_out, geometry.k()).map_err(to_candle)?;
+    let packed = PackedA::new(panels, c_out, k).map_err(to_candle)?;
     let w = KernelRef::Packed(packed, kernel.order);
     convolve_tensors::<bf16>(&geometry, x, w, bias, residual)
 }
@@ -353,6 +394,8 @@ enum KernelRef<'a, T> {
     Plain(&'a [T]),
     /// Packed bf16 panels.
     Packed(PackedA<'a>, KOrder),
+    /// Packed f32 panels.
+    PackedF32(PackedF32A<'a>),
 }
 
 impl<'a, T> KernelRef<'a, T> {
@@ -360,16 +403,24 @@ impl<'a, T> KernelRef<'a, T> {
     fn plain(self) -> candle_core::Result<&'a [T]> {
         match self {
             KernelRef::Plain(w) => Ok(w),
-            KernelRef::Packed(..) => candle_core::bail!("conv2d: a packed kernel is bf16 only"),
+            _ => candle_core::bail!("conv2d: this path needs the plain weight"),
         }
     }
 
     /// The order of k in its columns.
     fn order(&self) -> KOrder {
         match self {
-            KernelRef::Plain(_) => KOrder::Nchw,
             KernelRef::Packed(_, order) => *order,
+            _ => KOrder::Nchw,
         }
+    }
+
+    /// Whether it is packed for reading tiles through slabs (`slab.rs`).
+    fn reads_slabs(&self) -> bool {
+        matches!(
+            self,
+            KernelRef::Packed(_, KOrder::ChannelPairs) | KernelRef::PackedF32(_)
+        )
     }
 
     /// Whether it holds a `rows x cols` matrix.
@@ -377,6 +428,7 @@ impl<'a, T> KernelRef<'a, T> {
         match self {
             KernelRef::Plain(w) => w.len() == rows * cols,
             KernelRef::Packed(p, _) => p.rows() == rows && p.cols() == cols,
+            KernelRef::PackedF32(p) => p.rows() == rows && p.cols() == cols,
         }
     }
 }
@@ -387,6 +439,7 @@ impl<'a> KernelRef<'a, bf16> {
         Ok(match self {
             KernelRef::Plain(w) => Lhs::Matrix(MatRef::new(w, m, k, k, 1).map_err(to_candle)?),
             KernelRef::Packed(p, _) => Lhs::Packed(p),
+            KernelRef::PackedF32(_) => candle_core::bail!("conv2d: an f32 kernel in a bf16 GEMM"),
         })
     }
 }
@@ -396,14 +449,27 @@ impl<'a> KernelRef<'a, bf16> {
 struct TileRows {
     first: usize,
     count: usize,
-    /// Whether the tile reads its input through a channel-paired slab (`paired.rs`) instead
-    /// of gathering a column matrix.
+    /// Whether the tile reads its input through a slab (`slab.rs`) instead of gathering a
+    /// column matrix.
     direct: bool,
 }
 
+/// One thread's f32 tile buffers.
+#[derive(Debug, Default)]
+struct F32Scratch {
+    /// The gathered column matrix (the gathering paths).
+    columns: Vec<f32>,
+    /// The product of a tile spanning images.
+    product: Vec<f32>,
+    /// The tile's input rows (the direct path).
+    slab: Vec<f32>,
+    /// Where B's rows and panels start in the slab or the columns (packed kernels).
+    row_offsets: Vec<usize>,
+    panel_offsets: Vec<usize>,
+}
+
 impl ConvElement for f32 {
-    /// Gathered columns, product.
-    type Scratch = (Vec<f32>, Vec<f32>);
+    type Scratch = F32Scratch;
 
     fn zeroed(len: usize) -> Vec<Self> {
         vec![0.0; len]
@@ -435,29 +501,58 @@ impl ConvElement for f32 {
         )
     }
 
+    /// A packed kernel reads the tile's input through a [`Slab`] where that applies, or else
+    /// gathered columns in place, with our f32 micro-kernel; a plain weight multiplies gathered
+    /// columns with the `gemm` crate.
     fn tile(
         g: &Geometry,
         x: &[Self],
         w: KernelRef<'_, Self>,
         post: Epilogue<'_, Self>,
         tile: TileRows,
-        (cols, product): &mut Self::Scratch,
+        scratch: &mut Self::Scratch,
         out: OutPtr<Self>,
         threads: usize,
     ) -> candle_core::Result<()> {
-        let n = tile.count * g.out_w;
-        let cols = prefix(cols, g.k() * n);
-        for (r, row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
-            gather_row(g, x, tile, r, row);
-        }
-        let shape = GemmShape {
-            m: g.c_out,
-            n,
-            k: g.k(),
+        let (n, k) = (tile.count * g.out_w, g.k());
+        let F32Scratch {
+            columns,
+            product,
+            slab,
+            row_offsets,
+            panel_offsets,
+        } = scratch;
+        let KernelRef::PackedF32(a) = w else {
+            let cols = prefix(columns, k * n);
+            for (r, row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
+                gather_row(g, x, tile, r, row);
+            }
+            let shape = GemmShape { m: g.c_out, n, k };
+            let w = w.plain()?;
+            return store_tile(g, tile, out, post.residual, product, |view, accumulate| {
+                gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)
+            });
         };
-        let w = w.plain()?;
+        let b = if tile.direct {
+            Slab::fill(g, x, tile, slab, row_offsets, panel_offsets)
+                .rhs()
+                .map_err(to_candle)?
+        } else {
+            // Rows padded to whole panels, so that the GEMM reads them in place.
+            let width = n.div_ceil(PANEL_COLUMNS) * PANEL_COLUMNS;
+            let cols = prefix(columns, k * width);
+            for (r, row) in cols.chunks_exact_mut(width.max(1)).enumerate() {
+                gather_row(g, x, tile, r, &mut row[..n]);
+            }
+            row_offsets.clear();
+            row_offsets.extend((0..k).map(|r| r * width));
+            panel_offsets.clear();
+            panel_offsets.extend((0..width / PANEL_COLUMNS).map(|j| j * PANEL_COLUMNS));
+            IndexedB::new_f32(cols, k, n, row_offsets, panel_offsets).map_err(to_candle)?
+        };
+        let bias = post.bias.map_or(Bias::None, Bias::Rows);
         store_tile(g, tile, out, post.residual, product, |view, accumulate| {
-            gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)
+            bf16_gemm::gemm_f32_indexed(a, b, bias, view, accumulate, threads).map_err(to_candle)
         })
     }
 }
@@ -580,8 +675,8 @@ impl ConvElement for bf16 {
             .map_err(to_candle)
     }
 
-    /// Reads the tile's input through a channel-paired [`Slab`] where [`paired::direct_applies`]
-    /// (no column matrix at all); otherwise gathers the columns straight into the GEMM's packed
+    /// Reads the tile's input through a channel-paired [`Slab`] where that applies (no column
+    /// matrix at all); otherwise gathers the columns straight into the GEMM's packed
     /// k-pair panels (two column rows at a time through a small buffer), so the column matrix
     /// is neither written out nor packed in a second pass.
     fn tile(
@@ -642,7 +737,15 @@ thread_local! {
     /// A thread's tile buffers, kept between convolutions so that each tile does not fault in
     /// (and the kernel zero) fresh pages; at most a few tiles of [`MAX_TILE_BYTES`] per thread.
     static F32_SCRATCH: std::cell::RefCell<<f32 as ConvElement>::Scratch> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        const {
+            std::cell::RefCell::new(F32Scratch {
+                columns: Vec::new(),
+                product: Vec::new(),
+                slab: Vec::new(),
+                row_offsets: Vec::new(),
+                panel_offsets: Vec::new(),
+            })
+        };
     /// As `F32_SCRATCH`, for bf16.
     static BF16_SCRATCH: std::cell::RefCell<<bf16 as ConvElement>::Scratch> =
         const {
@@ -892,7 +995,7 @@ fn convolve<T: ConvElement>(
     }
 
     let mut out = T::zeroed(g.batch * image_out);
-    let direct = allow_direct && paired::direct_applies(g, w.order());
+    let direct = allow_direct && slab::direct_applies(g, w.reads_slabs());
     let tiles = plan_tiles(g, TileSizing::new::<T>(g, direct), threads, direct);
     let gemm_threads = if tiles.len() < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -965,13 +1068,13 @@ impl TileSizing {
     /// them, so tiles are small ([`MIN_TILE_BYTES`]), except that every tile streams the whole
     /// weight from memory (and the f32 GEMM packs it again), so a tile's columns are at least as
     /// many bytes as the weight, up to [`MAX_TILE_BYTES`]. A tile read through a channel-paired
-    /// slab (`paired.rs`) re-reads only its slab, which should stay in the core's L2
+    /// slab (`slab.rs`) re-reads only its slab, which should stay in the core's L2
     /// ([`SLAB_TILE_BYTES`]); the weight streams past it once per few hundred columns either way.
     fn new<T>(g: &Geometry, direct: bool) -> Self {
         let element = std::mem::size_of::<T>();
         if direct {
             return Self {
-                row_bytes: paired::slab_row_bytes(g),
+                row_bytes: slab::slab_row_bytes(g, element),
                 tile_bytes: SLAB_TILE_BYTES,
             };
         }
@@ -999,7 +1102,7 @@ fn plan_tiles(g: &Geometry, sizing: TileSizing, threads: usize, direct: bool) ->
             direct: false,
         };
         return vec![TileRows {
-            direct: direct && paired::within_one_image(g, tile),
+            direct: direct && slab::within_one_image(g, tile),
             ..tile
         }];
     }

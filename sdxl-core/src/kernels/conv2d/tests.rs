@@ -67,11 +67,22 @@ fn matches_candle_convolution() {
                 // A residual accumulated onto the products.
                 let residual = Tensor::randn(0f32, 1.0, theirs.dims(), &Device::Cpu).unwrap();
                 let summed = conv2d(&x, &weight, bias, &cfg, prep, Some(&residual)).unwrap();
-                let worst = max_abs_diff(&summed, &(theirs + &residual).unwrap());
+                let worst = max_abs_diff(&summed, &(&theirs + &residual).unwrap());
                 assert!(
                     worst < 1e-4,
                     "case {case:?} {prep:?} + residual: worst {worst}"
                 );
+                // The packed f32 kernel (several taps, on CPUs with AVX-512F): our
+                // micro-kernel over slabs or gathered columns.
+                if let Some(packed) = PackedKernel::pack(&weight).unwrap() {
+                    assert_eq!(packed.dtype(), DType::F32);
+                    assert_eq!(max_abs_diff(&packed.weight().unwrap(), &weight), 0.0);
+                    let ours = conv2d_packed(&x, &packed, bias, &cfg, prep, Some(&residual));
+                    let worst = max_abs_diff(&ours.unwrap(), &(&theirs + &residual).unwrap());
+                    assert!(worst < 1e-4, "case {case:?} {prep:?} packed: worst {worst}");
+                } else {
+                    assert!(k == 1 || !bf16_gemm::f32_native_available());
+                }
             }
         }
     }
@@ -168,80 +179,96 @@ fn rejects_mismatched_channels() {
     assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE, None).is_err());
 }
 
-/// A packed kernel in channel pairs reads stride-1 tiles through slabs; that path gives the same
-/// bits as gathering the columns (the same sums in the same order), and both match the f32
-/// convolution of the same values. Covers padding, upsampling, bottom-right padding, a residual,
-/// several tiles per image and tiles spanning images.
+/// A packed kernel (bf16 in channel pairs, or f32) reads stride-1 tiles through slabs; that
+/// path gives the same bits as gathering the columns (the same sums in the same order), and
+/// both match the f32 convolution of the same values (bf16: within its rounding). Covers
+/// padding, upsampling, bottom-right padding, a residual, several tiles per image and tiles
+/// spanning images.
 #[test]
 fn slab_tiles_match_gathered_columns_bit_for_bit() {
     let d = &Device::Cpu;
-    if !bf16_gemm::native_available() {
-        return assert!(
-            PackedKernel::pack(&Tensor::zeros((1, 2, 3, 3), DType::BF16, d).unwrap())
-                .unwrap()
-                .is_none()
-        );
-    }
-    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
     let threads = candle_core::utils::get_num_threads().max(1);
-    let mut slab_tiles = 0;
-    for ((b, ci, h, w, co, k, p), prep) in [
-        ((2, 8, 16, 32, 6, 3, 1), InputPrep::NONE),
-        ((2, 8, 12, 32, 6, 3, 1), InputPrep::NONE),
-        ((1, 6, 40, 64, 20, 3, 1), InputPrep::NONE),
-        ((2, 4, 8, 16, 3, 3, 1), InputPrep::upsample(2)),
-        ((1, 10, 31, 31, 5, 3, 1), InputPrep::pad_bottom_right(1)),
-        ((3, 2, 14, 34, 4, 3, 0), InputPrep::NONE),
-        ((2, 32, 64, 64, 8, 3, 1), InputPrep::NONE),
-    ] {
-        let x = bf(Tensor::randn(0f32, 1.0, (b, ci, h, w), d).unwrap());
-        let weight = bf(Tensor::randn(0f32, 1.0, (co, ci, k, k), d).unwrap());
-        let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
-        let cfg = config(p, 1, 1);
-        let g = Geometry::new(x.dims(), weight.dims(), &cfg, prep).unwrap();
-        let packed = PackedKernel::pack(&weight).unwrap().unwrap();
-        assert!(paired::direct_applies(&g, packed.order), "{g:?}");
-        let tiles = plan_tiles(&g, TileSizing::new::<bf16>(&g, true), threads, true);
-        slab_tiles += tiles.iter().filter(|t| t.direct).count();
-        let residual = bf(Tensor::randn(0f32, 1.0, g.out_dims(), d).unwrap());
-        let (xs, xl) = x.storage_and_layout();
-        let x_data = cpu_slice::<bf16>(&xs, xl).unwrap();
-        let (ps, pl) = packed.panels.storage_and_layout();
-        let panels = cpu_slice::<u32>(&ps, pl).unwrap();
-        let a = PackedA::new(panels, co, g.k()).unwrap();
-        let bias_values = bias.to_vec1::<f32>().unwrap();
-        let (rs, rl) = residual.storage_and_layout();
-        let post = Epilogue {
-            bias: Some(&bias_values),
-            residual: Some(cpu_slice::<bf16>(&rs, rl).unwrap()),
+    for dtype in [DType::BF16, DType::F32] {
+        let weight = Tensor::zeros((1, 2, 3, 3), dtype, d).unwrap();
+        let Some(packed) = PackedKernel::pack(&weight).unwrap() else {
+            // No AVX512-BF16 (bf16) or AVX-512F (f32): the plain weight stays.
+            assert!(!bf16_gemm::native_available() || !bf16_gemm::f32_native_available());
+            continue;
         };
-        let w = KernelRef::Packed(a, packed.order);
-        let slabs = convolve(&g, x_data, w, post, true).unwrap();
-        let columns = convolve(&g, x_data, w, post, false).unwrap();
-        let differ = slabs
-            .iter()
-            .zip(&columns)
-            .filter(|(s, c)| s.to_bits() != c.to_bits())
-            .count();
-        assert_eq!(differ, 0, "{g:?}: {differ} values differ");
-        let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None)
-            .unwrap()
-            .add(&wide(&residual))
-            .unwrap();
-        let ours = Tensor::from_vec(slabs, g.out_dims(), d).unwrap();
-        let scale = reference
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let worst = max_abs_diff(&wide(&ours), &reference);
-        println!("{g:?}: worst {worst} (scale {scale})");
-        assert!(worst <= scale / 256.0, "worst {worst} (scale {scale})");
+        assert_eq!(packed.dtype(), dtype);
+        let mut slab_tiles = 0;
+        for ((b, ci, h, w, co, k, p), prep) in [
+            ((2, 8, 16, 32, 6, 3, 1), InputPrep::NONE),
+            ((2, 8, 12, 32, 6, 3, 1), InputPrep::NONE),
+            ((1, 6, 40, 64, 20, 3, 1), InputPrep::NONE),
+            ((2, 4, 8, 16, 3, 3, 1), InputPrep::upsample(2)),
+            ((1, 10, 31, 31, 5, 3, 1), InputPrep::pad_bottom_right(1)),
+            ((3, 2, 14, 34, 4, 3, 0), InputPrep::NONE),
+            ((2, 32, 64, 64, 8, 3, 1), InputPrep::NONE),
+        ] {
+            let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let x = cast(Tensor::randn(0f32, 1.0, (b, ci, h, w), d).unwrap());
+            let weight = cast(Tensor::randn(0f32, 1.0, (co, ci, k, k), d).unwrap());
+            let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
+            let cfg = config(p, 1, 1);
+            let g = Geometry::new(x.dims(), weight.dims(), &cfg, prep).unwrap();
+            let packed = PackedKernel::pack(&weight).unwrap().unwrap();
+            let residual = cast(Tensor::randn(0f32, 1.0, g.out_dims(), d).unwrap());
+            let (ps, pl) = packed.panels.storage_and_layout();
+            let bias_values = bias.to_vec1::<f32>().unwrap();
+            let (xs, xl) = x.storage_and_layout();
+            let (rs, rl) = residual.storage_and_layout();
+            let (slabs, columns) = if dtype == DType::F32 {
+                let a = PackedF32A::new(cpu_slice(&ps, pl).unwrap(), co, g.k()).unwrap();
+                let w = KernelRef::PackedF32(a);
+                assert!(slab::direct_applies(&g, w.reads_slabs()), "{g:?}");
+                let post = Epilogue {
+                    bias: Some(&bias_values),
+                    residual: Some(cpu_slice::<f32>(&rs, rl).unwrap()),
+                };
+                let x_data = cpu_slice::<f32>(&xs, xl).unwrap();
+                let run = |direct| convolve(&g, x_data, w, post, direct).unwrap();
+                let values = |v: Vec<f32>| Tensor::from_vec(v, g.out_dims(), d).unwrap();
+                (values(run(true)), values(run(false)))
+            } else {
+                let a = PackedA::new(cpu_slice(&ps, pl).unwrap(), co, g.k()).unwrap();
+                let w = KernelRef::Packed(a, packed.order);
+                assert!(slab::direct_applies(&g, w.reads_slabs()), "{g:?}");
+                let post = Epilogue {
+                    bias: Some(&bias_values),
+                    residual: Some(cpu_slice::<bf16>(&rs, rl).unwrap()),
+                };
+                let x_data = cpu_slice::<bf16>(&xs, xl).unwrap();
+                let run = |direct| convolve(&g, x_data, w, post, direct).unwrap();
+                let values = |v: Vec<bf16>| Tensor::from_vec(v, g.out_dims(), d).unwrap();
+                (values(run(true)), values(run(false)))
+            };
+            let sizing = TileSizing::new::<f32>(&g, true);
+            let tiles = plan_tiles(&g, sizing, threads, true);
+            slab_tiles += tiles.iter().filter(|t| t.direct).count();
+            let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            assert_eq!(max_abs_diff(&wide(&slabs), &wide(&columns)), 0.0, "{g:?}");
+            let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None)
+                .unwrap()
+                .add(&wide(&residual))
+                .unwrap();
+            let scale = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let worst = max_abs_diff(&wide(&slabs), &reference);
+            let tolerance = match dtype {
+                DType::F32 => 1e-4,
+                _ => scale / 256.0,
+            };
+            println!("{dtype:?} {g:?}: worst {worst} (scale {scale})");
+            assert!(worst <= tolerance, "worst {worst} (scale {scale})");
+        }
+        assert!(slab_tiles > 0, "no tile read a slab");
     }
-    assert!(slab_tiles > 0, "no tile read a slab");
 }
 
 /// Kernels with one tap or an odd number of channels keep the NCHW order; the two orders map

@@ -1,0 +1,102 @@
+//! f32 A panels for the f32 convolution, which multiplies them by a B read in place
+//! ([`IndexedB`](super::IndexedB) over f32) with the same blocking, threading and micro-kernel
+//! loop as the bf16 GEMM (`vfmadd231ps` instead of `vdpbf16ps`).
+//!
+//! A panel of `MR` rows is `[k][MR]` f32 (each value is broadcast to a whole register); rows
+//! past the matrix are zero.
+
+use rayon::prelude::*;
+
+use super::mat::MatRef;
+use super::MR;
+use crate::error::{Error, Result};
+
+/// An f32 A packed by [`pack_a_f32`]: every `MR`-row panel of a `rows x cols` (m x k) matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct PackedF32A<'a> {
+    panels: &'a [f32],
+    rows: usize,
+    cols: usize,
+}
+
+/// The f32 values that [`pack_a_f32`] writes for a `rows x cols` A, or `None` on overflow.
+pub fn packed_f32_a_len(rows: usize, cols: usize) -> Option<usize> {
+    rows.div_ceil(MR).checked_mul(MR)?.checked_mul(cols)
+}
+
+/// Packs all of `a` (m x k) into `MR`-row panels on rayon's global pool; read it back with
+/// [`PackedF32A::new`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] if the packed size overflows or cannot be allocated.
+pub fn pack_a_f32(a: MatRef<'_, f32>) -> Result<Vec<f32>> {
+    let len = packed_f32_a_len(a.rows, a.cols)
+        .ok_or_else(|| Error::invalid("packed f32 A size overflows usize"))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len)
+        .map_err(|e| Error::invalid(format!("cannot allocate packed A ({len} values): {e}")))?;
+    out.resize(len, 0.0);
+    let panel_len = a.cols * MR;
+    if panel_len > 0 {
+        out.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(i, panel)| {
+                for r in 0..MR {
+                    let row = i * MR + r;
+                    if row >= a.rows {
+                        break;
+                    }
+                    for (p, slot) in panel.chunks_exact_mut(MR).enumerate() {
+                        if let Some(&v) = a.data.get(row * a.row_stride + p * a.col_stride) {
+                            slot[r] = v;
+                        }
+                    }
+                }
+            });
+    }
+    Ok(out)
+}
+
+impl<'a> PackedF32A<'a> {
+    /// A view of what [`pack_a_f32`] wrote for a `rows x cols` A.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.
+    pub fn new(panels: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        if packed_f32_a_len(rows, cols) != Some(panels.len()) {
+            return Err(Error::invalid(format!(
+                "{} packed values do not hold a packed {rows}x{cols} f32 A",
+                panels.len()
+            )));
+        }
+        Ok(Self { panels, rows, cols })
+    }
+
+    /// Rows of A (m).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of A (k).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The packed panels.
+    pub(super) fn panels(&self) -> &'a [f32] {
+        self.panels
+    }
+
+    /// A back, row-major (m x k).
+    pub fn unpack(&self) -> Vec<f32> {
+        let k = self.cols;
+        let mut out = vec![0.0; self.rows * k];
+        for (row, line) in out.chunks_exact_mut(k.max(1)).enumerate().take(self.rows) {
+            let panel = &self.panels[(row / MR) * k * MR..];
+            for (p, x) in line.iter_mut().enumerate() {
+                *x = panel[p * MR + row % MR];
+            }
+        }
+        out
+    }
+}
