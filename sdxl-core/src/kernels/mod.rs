@@ -1,5 +1,6 @@
 //! CPU kernels that candle 0.11 lacks or runs slowly (fused attention, convolution, group norm,
-//! activations, native bf16 GEMM, transposes), used by the layers when they apply.
+//! activations, native bf16 GEMM and the convolutions' f32 GEMM, transposes), used by the
+//! layers when they apply.
 
 pub mod activation;
 pub mod attention;

@@ -17,6 +17,10 @@
 //! correct but slower than candle's f32 GEMM, so callers that have candle as an alternative
 //! check [`native_available`] first (as [`crate::kernels::matmul`] does).
 //!
+//! The f32 convolution shares the blocking, threading and micro-kernel loop: f32 A panels
+//! ([`pack_a_f32`]) times an f32 B read in place ([`IndexedB`]), with `vfmadd231ps` instead of
+//! `vdpbf16ps` ([`gemm_f32_indexed`]).
+//!
 //! A B that is multiplied many times (a layer's weight) can be packed once with [`pack_b`]
 //! and multiplied with [`gemm_bf16_operands`]: the per-call packing pass (a fifth
 //! of a bf16 UNet step at 512 px, where every weight is streamed once per step) disappears,

@@ -1,5 +1,5 @@
 //! A CPU 2-D convolution (f32, and bf16 on CPUs with AVX512-BF16) that multiplies the weight
-//! directly by column tiles of the input.
+//! directly by the input, tile by tile.
 //!
 //! candle 0.11's CPU convolution copies the input to NHWC, re-packs the weight on every call and
 //! gathers im2col tiles with scalar loops, which makes it about twice as slow as PyTorch's. Here
@@ -7,12 +7,16 @@
 //!
 //! `out[c_out, p] = W[c_out, c_in·kh·kw] · cols[c_in·kh·kw, p] (+ bias[c_out])`
 //!
-//! The NCHW weight is already that row-major `[c_out, c_in·kh·kw]` matrix, and the product is
-//! already NCHW, so only the input is rearranged: output rows are cut into tiles, each tile's
-//! columns are gathered with row copies (zero padding at the edges), and tiles run on separate
-//! threads, each multiplying with the `gemm` crate in f32 (the same GEMM candle's matmul uses)
-//! or with [`bf16_gemm`] in bf16 (candle has no bf16 CPU convolution at all). A 1×1
-//! convolution with stride 1 needs no gathering at all: the input is the column matrix.
+//! The NCHW weight is already that row-major `[c_out, c_in·kh·kw]` matrix (a layer packs it
+//! once into GEMM panels, [`PackedKernel`]), and the product is already NCHW, so only the input
+//! is rearranged. Output rows are cut into tiles that run on separate threads. A stride-1 tile
+//! whose rows are whole GEMM panels reads its input through a slab, a copy of its input rows
+//! with the padding applied, from which the micro-kernel reads every tap's columns in place
+//! (`slab.rs`; bf16 kernels pair their input channels for it, `paired.rs`). Other tiles gather
+//! their columns with row copies (zero padding at the edges), straight into the GEMM's packed
+//! panels (bf16) or into a column matrix the f32 micro-kernel reads in place; a plain f32
+//! weight (CPUs without AVX-512) multiplies it with the `gemm` crate. A 1×1 convolution with
+//! stride 1 needs no gathering at all: the input is the column matrix.
 //!
 //! Two neighbours of a convolution are folded into it: an [`InputPrep`] (nearest-neighbour
 //! upsampling, extra bottom/right padding) is applied while the columns are gathered, and a
