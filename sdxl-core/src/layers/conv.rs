@@ -8,9 +8,8 @@ use crate::kernels::conv2d::{self, InputPrep, PackedKernel};
 /// candle-nn's `Conv2d`, except on the CPU: f32 convolutions, and bf16 ones where the CPU has
 /// AVX512-BF16, run through [`kernels::conv2d`](crate::kernels::conv2d) (about twice as fast as
 /// candle's in f32; candle has no bf16 CPU convolution); other bf16 inputs are convolved in f32
-/// and narrowed back. A weight our CPU kernels use (bf16 on CPUs with AVX512-BF16, f32 with
-/// several taps on CPUs with AVX-512F) is stored packed for them ([`PackedKernel`]), in place
-/// of the plain weight.
+/// and narrowed back. A bf16 weight the native kernel uses is stored packed for it
+/// ([`PackedKernel`]), in place of the plain weight.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: StoredKernel,
@@ -23,7 +22,7 @@ pub struct Conv2d {
 enum StoredKernel {
     /// `[out, in, kh, kw]` as loaded.
     Plain(Tensor),
-    /// Packed for our CPU GEMM micro-kernels.
+    /// Packed for the native bf16 GEMM.
     Packed(PackedKernel),
 }
 
@@ -77,7 +76,7 @@ impl Conv2d {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             StoredKernel::Plain(w) => w.dtype(),
-            StoredKernel::Packed(p) => p.dtype(),
+            StoredKernel::Packed(_) => DType::BF16,
         }
     }
 
@@ -130,7 +129,7 @@ impl Conv2d {
     ) -> candle_core::Result<Tensor> {
         let (bias, config) = (self.bias.as_ref(), &self.config);
         let weight = match &self.weight {
-            StoredKernel::Packed(p) if x.dtype() == p.dtype() && x.device().is_cpu() => {
+            StoredKernel::Packed(p) if x.dtype() == DType::BF16 && x.device().is_cpu() => {
                 return conv2d::conv2d_packed(x, p, bias, config, prep, residual);
             }
             StoredKernel::Packed(p) => &p.weight()?,

@@ -11,7 +11,8 @@ use super::mat::MatRef;
 use super::MR;
 use crate::error::{Error, Result};
 
-/// An f32 A packed by [`pack_a_f32`]: every `MR`-row panel of a `rows x cols` (m x k) matrix.
+/// An f32 A packed by [`pack_a_f32_into`]: every `MR`-row panel of a `rows x cols` (m x k)
+/// matrix.
 #[derive(Debug, Clone, Copy)]
 pub struct PackedF32A<'a> {
     panels: &'a [f32],
@@ -19,46 +20,48 @@ pub struct PackedF32A<'a> {
     cols: usize,
 }
 
-/// The f32 values that [`pack_a_f32`] writes for a `rows x cols` A, or `None` on overflow.
+/// The f32 values that [`pack_a_f32_into`] writes for a `rows x cols` A, or `None` on overflow.
 pub fn packed_f32_a_len(rows: usize, cols: usize) -> Option<usize> {
     rows.div_ceil(MR).checked_mul(MR)?.checked_mul(cols)
 }
 
-/// Packs all of `a` (m x k) into `MR`-row panels on rayon's global pool; read it back with
-/// [`PackedF32A::new`].
+/// Packs all of `a` (m x k) into `dst`, which must hold exactly [`packed_f32_a_len`]`(m, k)`
+/// values, on rayon's global pool; read it back with [`PackedF32A::new`].
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] if the packed size overflows or cannot be allocated.
-pub fn pack_a_f32(a: MatRef<'_, f32>) -> Result<Vec<f32>> {
-    let len = packed_f32_a_len(a.rows, a.cols)
-        .ok_or_else(|| Error::invalid("packed f32 A size overflows usize"))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len)
-        .map_err(|e| Error::invalid(format!("cannot allocate packed A ({len} values): {e}")))?;
-    out.resize(len, 0.0);
+/// [`Error::InvalidArgument`] if `dst` has another length.
+pub fn pack_a_f32_into(a: MatRef<'_, f32>, dst: &mut [f32]) -> Result<()> {
+    if packed_f32_a_len(a.rows, a.cols) != Some(dst.len()) {
+        return Err(Error::invalid(format!(
+            "{} values cannot hold a packed {}x{} f32 A",
+            dst.len(),
+            a.rows,
+            a.cols
+        )));
+    }
     let panel_len = a.cols * MR;
     if panel_len > 0 {
-        out.par_chunks_mut(panel_len)
+        dst.par_chunks_mut(panel_len)
             .enumerate()
             .for_each(|(i, panel)| {
                 for r in 0..MR {
                     let row = i * MR + r;
-                    if row >= a.rows {
-                        break;
-                    }
                     for (p, slot) in panel.chunks_exact_mut(MR).enumerate() {
-                        if let Some(&v) = a.data.get(row * a.row_stride + p * a.col_stride) {
-                            slot[r] = v;
+                        slot[r] = match row < a.rows {
+                            true => a.data.get(row * a.row_stride + p * a.col_stride),
+                            false => None,
                         }
+                        .copied()
+                        .unwrap_or(0.0);
                     }
                 }
             });
     }
-    Ok(out)
+    Ok(())
 }
 
 impl<'a> PackedF32A<'a> {
-    /// A view of what [`pack_a_f32`] wrote for a `rows x cols` A.
+    /// A view of what [`pack_a_f32_into`] wrote for a `rows x cols` A.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.

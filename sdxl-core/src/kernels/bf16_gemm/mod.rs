@@ -18,7 +18,7 @@
 //! check [`native_available`] first (as [`crate::kernels::matmul`] does).
 //!
 //! The f32 convolution shares the blocking, threading and micro-kernel loop: f32 A panels
-//! ([`pack_a_f32`]) times an f32 B read in place ([`IndexedB`]), with `vfmadd231ps` instead of
+//! ([`pack_a_f32_into`]) times an f32 B read in place ([`IndexedB`]), with `vfmadd231ps` instead of
 //! `vdpbf16ps` ([`gemm_f32_indexed`]).
 //!
 //! A B that is multiplied many times (a layer's weight) can be packed once with [`pack_b`]
@@ -37,7 +37,7 @@ mod pack;
 use half::bf16;
 use rayon::prelude::*;
 
-pub use f32_panels::{pack_a_f32, packed_f32_a_len, PackedF32A};
+pub use f32_panels::{pack_a_f32_into, packed_f32_a_len, PackedF32A};
 pub use indexed::{IndexedB, PANEL_COLUMNS};
 pub use mat::{MatMut, MatRef};
 pub use pack::{
@@ -293,7 +293,7 @@ pub fn gemm_bf16_operands<O: GemmOutput>(
     gemm_with(Kernel::best(), a, b, bias, c, accumulate, threads)
 }
 
-/// `C (+)= A · B + bias` in f32, for an f32 A packed with [`pack_a_f32`] and an f32 B read
+/// `C (+)= A · B + bias` in f32, for an f32 A packed with [`pack_a_f32_into`] and an f32 B read
 /// in place (the f32 convolution), with the blocking and threading of [`gemm_bf16_operands`].
 /// Results do not depend on `threads`.
 ///
@@ -319,7 +319,7 @@ pub fn gemm_f32_indexed(
 }
 
 /// The left operand A: a matrix (packed during the call) or panels packed once with
-/// [`pack_a`] (or, for [`gemm_f32_indexed`], [`pack_a_f32`]).
+/// [`pack_a`] (or, for [`gemm_f32_indexed`], [`pack_a_f32_into`]).
 #[derive(Debug, Clone, Copy)]
 pub enum Lhs<'a> {
     /// Packed into `MR`-row panels by the call.

@@ -4,8 +4,8 @@
 use half::bf16;
 
 use super::{
-    gemm_with, pack_a, pack_a_f32, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut, MatRef, PackedA,
-    PackedB, PackedF32A, Rhs, NR,
+    gemm_with, pack_a, pack_a_f32_into, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut, MatRef,
+    PackedA, PackedB, PackedF32A, Rhs, NR,
 };
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
@@ -467,7 +467,13 @@ fn f32_panels_times_indexed_b_match_a_reference_on_every_kernel() {
         let panel_offsets: Vec<usize> = (0..panels).map(|j| j * NR - j.min(2)).collect();
         let b = IndexedB::new_f32(&pool, k, n, &row_offsets, &panel_offsets).unwrap();
         let av: Vec<f32> = values(m * k, 12).iter().map(|v| v.to_f32()).collect();
-        let a_panels = pack_a_f32(MatRef::row_major(&av, m, k).unwrap()).unwrap();
+        let mut a_panels = vec![f32::NAN; super::packed_f32_a_len(m, k).unwrap()];
+        let a_view = MatRef::row_major(&av, m, k).unwrap();
+        pack_a_f32_into(a_view, &mut a_panels).unwrap();
+        assert!(
+            pack_a_f32_into(a_view, &mut a_panels[1..]).is_err(),
+            "short buffer"
+        );
         let a = PackedF32A::new(&a_panels, m, k).unwrap();
         assert!(
             PackedF32A::new(&a_panels[1..], m, k).is_err(),

@@ -27,10 +27,7 @@ use candle_nn::Conv2dConfig;
 use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{
-    self, Bias, IndexedB, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, PackedF32A, Rhs,
-    PANEL_COLUMNS,
-};
+use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, PackedF32A, Rhs};
 use paired::KOrder;
 use slab::Slab;
 
@@ -48,6 +45,8 @@ const MAX_TILE_BYTES: usize = 32 << 20;
 /// Bytes of channel-paired input a tile aims at (`paired.rs`): about half of a Zen 4 core's
 /// 1 MiB L2, beside the weight's k-block.
 const SLAB_TILE_BYTES: usize = 512 << 10;
+/// Largest f32 panels kept between convolutions (a 1280-channel 3×3 kernel's are 59 MB).
+const KEEP_PANEL_BYTES: usize = 64 << 20;
 /// Fewest columns per tile: narrower tiles spend more on streaming the weight than they
 /// save in cache misses.
 const MIN_TILE_COLUMNS: usize = 512;
@@ -150,17 +149,17 @@ pub fn conv2d(
     }
 }
 
-/// A convolution kernel `[c_out, c_in, kh, kw]` packed once for our GEMM micro-kernels (the
+/// A bf16 convolution kernel `[c_out, c_in, kh, kw]` packed once for the native bf16 GEMM (the
 /// weight is the GEMM's A, and a layer's weight is multiplied at every call: packing it per call
 /// cost about 4% of a bf16 UNet step). It replaces the weight (same size); [`weight`] unpacks a
-/// copy. A bf16 kernel with several taps and an even number of input channels is packed with
-/// its input channels in pairs (`paired.rs`); such kernels and f32 kernels let stride-1
-/// convolutions skip the column matrix (`slab.rs`).
+/// copy. A kernel with several taps and an even number of input channels is packed with its
+/// input channels in pairs (`paired.rs`), which lets stride-1 convolutions skip the column
+/// matrix (`slab.rs`).
 ///
 /// [`weight`]: PackedKernel::weight
 #[derive(Debug, Clone)]
 pub struct PackedKernel {
-    /// The packed panels, a 1-D CPU tensor: `u32` pairs (bf16 kernels) or f32.
+    /// The packed `u32` pairs, a 1-D U32 tensor on the CPU.
     panels: Tensor,
     dims: [usize; 4],
     /// The order of the packed columns.
@@ -168,9 +167,8 @@ pub struct PackedKernel {
 }
 
 impl PackedKernel {
-    /// Packs `weight` when [`conv2d_packed`] can use it: a 4-d CPU tensor in bf16 (on a CPU
-    /// with AVX512-BF16) or in f32 with several taps (on a CPU with AVX-512F; f32 1×1 kernels
-    /// multiply the input in place with the `gemm` crate). `None` otherwise.
+    /// Packs `weight` when [`conv2d_packed`] can use it: a 4-d bf16 CPU tensor, on a CPU with
+    /// AVX512-BF16. `None` otherwise.
     ///
     /// # Errors
     /// A tensor operation fails.
@@ -179,23 +177,10 @@ impl PackedKernel {
             return Ok(None);
         };
         let (k, taps) = (c_in * kh * kw, kh * kw);
-        if !weight.device().is_cpu() {
-            return Ok(None);
-        }
-        if weight.dtype() == DType::F32 && taps > 1 && bf16_gemm::f32_native_available() {
-            let weight = weight.contiguous()?;
-            let (storage, layout) = weight.storage_and_layout();
-            let values = cpu_slice::<f32>(&storage, layout)?;
-            let a = MatRef::new(values, c_out, k, k, 1).map_err(to_candle)?;
-            let panels = bf16_gemm::pack_a_f32(a).map_err(to_candle)?;
-            let len = panels.len();
-            return Ok(Some(Self {
-                panels: Tensor::from_vec(panels, len, &Device::Cpu)?,
-                dims: [c_out, c_in, kh, kw],
-                order: KOrder::Nchw,
-            }));
-        }
-        if weight.dtype() != DType::BF16 || !bf16_gemm::native_available() {
+        if weight.dtype() != DType::BF16
+            || !weight.device().is_cpu()
+            || !bf16_gemm::native_available()
+        {
             return Ok(None);
         }
         let weight = weight.contiguous()?;
@@ -218,30 +203,17 @@ impl PackedKernel {
         self.dims
     }
 
-    /// The dtype of the kernel and of the inputs it convolves: bf16 or f32.
-    pub fn dtype(&self) -> DType {
-        match self.panels.dtype() {
-            DType::F32 => DType::F32,
-            _ => DType::BF16,
-        }
-    }
-
     /// The id of the packed storage (it changes only when the layer gets another weight).
     pub fn id(&self) -> candle_core::TensorId {
         self.panels.id()
     }
 
-    /// The weight in its dtype, unpacked into a new tensor.
+    /// The weight in bf16, unpacked into a new tensor.
     ///
     /// # Errors
     /// A tensor operation fails.
     pub fn weight(&self) -> candle_core::Result<Tensor> {
         let [c_out, c_in, kh, kw] = self.dims;
-        if self.dtype() == DType::F32 {
-            let panels = self.panels.to_vec1::<f32>()?;
-            let packed = PackedF32A::new(&panels, c_out, c_in * kh * kw).map_err(to_candle)?;
-            return Tensor::from_vec(packed.unpack(), self.dims.to_vec(), &Device::Cpu);
-        }
         let panels = self.panels.to_vec1::<u32>()?;
         let packed = PackedA::new(&panels, c_out, c_in * kh * kw).map_err(to_candle)?;
         let values = paired::nchw_order(&packed.unpack(), c_in, kh * kw, self.order);
@@ -249,11 +221,10 @@ impl PackedKernel {
     }
 }
 
-/// [`conv2d`] with a packed kernel, for a CPU `x` of the kernel's dtype.
+/// [`conv2d`] with a packed bf16 kernel, for a bf16 CPU `x`.
 ///
 /// # Errors
-/// `x` not a 4-d CPU tensor of the kernel's dtype, shapes that do not fit, or a tensor
-/// operation fails.
+/// `x` not a 4-d bf16 CPU tensor, shapes that do not fit, or a tensor operation fails.
 pub fn conv2d_packed(
     x: &Tensor,
     kernel: &PackedKernel,
@@ -262,25 +233,17 @@ pub fn conv2d_packed(
     prep: InputPrep,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    if x.dtype() != kernel.dtype() || !x.device().is_cpu() || config.groups != 1 {
+    if x.dtype() != DType::BF16 || !x.device().is_cpu() || config.groups != 1 {
         candle_core::bail!(
-            "conv2d: a packed {:?} kernel needs a {:?} CPU input and one group, got {:?} on {:?}",
-            kernel.dtype(),
-            kernel.dtype(),
+            "conv2d: a packed kernel needs a bf16 CPU input and one group, got {:?} on {:?}",
             x.dtype(),
             x.device()
         )
     }
     let geometry = Geometry::new(x.dims(), &kernel.dims, config, prep)?;
     let (p_storage, p_layout) = kernel.panels.storage_and_layout();
-    let (c_out, k) = (geometry.c_out, geometry.k());
-    if kernel.dtype() == DType::F32 {
-        let panels = cpu_slice::<f32>(&p_storage, p_layout)?;
-        let packed = PackedF32A::new(panels, c_out, k).map_err(to_candle)?;
-        return convolve_tensors::<f32>(&geometry, x, KernelRef::PackedF32(packed), bias, residual);
-    }
     let panels = cpu_slice::<u32>(&p_storage, p_layout)?;
-    let packed = PackedA::new(panels, c_out, k).map_err(to_candle)?;
+    let packed = PackedA::new(panels, geometry.c_out, geometry.k()).map_err(to_candle)?;
     let w = KernelRef::Packed(packed, kernel.order);
     convolve_tensors::<bf16>(&geometry, x, w, bias, residual)
 }
@@ -374,6 +337,14 @@ trait ConvElement: WithDType + Default {
         threads: usize,
     ) -> candle_core::Result<()>;
 
+    /// The plain weight `w` packed for this call into f32 panels (taken from this thread's
+    /// cache; see [`keep_panels`]), where slab tiles will read through our f32 micro-kernel;
+    /// `None` otherwise.
+    ///
+    /// # Errors
+    /// The panel size overflows.
+    fn panels(g: &Geometry, w: &[Self]) -> candle_core::Result<Option<Vec<f32>>>;
+
     /// The output rows `tile` (counted across the batch) of the convolution: gathers their
     /// columns, multiplies the weight `w` by them (+ the epilogue) and writes the rows to
     /// `out`.
@@ -398,8 +369,10 @@ enum KernelRef<'a, T> {
     Plain(&'a [T]),
     /// Packed bf16 panels.
     Packed(PackedA<'a>, KOrder),
-    /// Packed f32 panels.
-    PackedF32(PackedF32A<'a>),
+    /// The f32 weight's values, and the same packed into panels for this call (slab tiles
+    /// read through our f32 micro-kernel; other tiles multiply the values with the `gemm`
+    /// crate).
+    WithPanels(&'a [T], PackedF32A<'a>),
 }
 
 impl<'a, T> KernelRef<'a, T> {
@@ -407,7 +380,8 @@ impl<'a, T> KernelRef<'a, T> {
     fn plain(self) -> candle_core::Result<&'a [T]> {
         match self {
             KernelRef::Plain(w) => Ok(w),
-            _ => candle_core::bail!("conv2d: this path needs the plain weight"),
+            KernelRef::WithPanels(w, _) => Ok(w),
+            KernelRef::Packed(..) => candle_core::bail!("conv2d: a packed kernel is bf16 only"),
         }
     }
 
@@ -423,7 +397,7 @@ impl<'a, T> KernelRef<'a, T> {
     fn reads_slabs(&self) -> bool {
         matches!(
             self,
-            KernelRef::Packed(_, KOrder::ChannelPairs) | KernelRef::PackedF32(_)
+            KernelRef::Packed(_, KOrder::ChannelPairs) | KernelRef::WithPanels(..)
         )
     }
 
@@ -432,7 +406,9 @@ impl<'a, T> KernelRef<'a, T> {
         match self {
             KernelRef::Plain(w) => w.len() == rows * cols,
             KernelRef::Packed(p, _) => p.rows() == rows && p.cols() == cols,
-            KernelRef::PackedF32(p) => p.rows() == rows && p.cols() == cols,
+            KernelRef::WithPanels(w, p) => {
+                w.len() == rows * cols && p.rows() == rows && p.cols() == cols
+            }
         }
     }
 }
@@ -443,7 +419,7 @@ impl<'a> KernelRef<'a, bf16> {
         Ok(match self {
             KernelRef::Plain(w) => Lhs::Matrix(MatRef::new(w, m, k, k, 1).map_err(to_candle)?),
             KernelRef::Packed(p, _) => Lhs::Packed(p),
-            KernelRef::PackedF32(_) => candle_core::bail!("conv2d: an f32 kernel in a bf16 GEMM"),
+            KernelRef::WithPanels(..) => candle_core::bail!("conv2d: f32 panels in a bf16 GEMM"),
         })
     }
 }
@@ -461,13 +437,13 @@ struct TileRows {
 /// One thread's f32 tile buffers.
 #[derive(Debug, Default)]
 struct F32Scratch {
-    /// The gathered column matrix (the gathering paths).
+    /// The gathered column matrix (the gathering path).
     columns: Vec<f32>,
     /// The product of a tile spanning images.
     product: Vec<f32>,
     /// The tile's input rows (the direct path).
     slab: Vec<f32>,
-    /// Where B's rows and panels start in the slab or the columns (packed kernels).
+    /// Where B's rows and panels start in the slab.
     row_offsets: Vec<usize>,
     panel_offsets: Vec<usize>,
 }
@@ -505,9 +481,8 @@ impl ConvElement for f32 {
         )
     }
 
-    /// A packed kernel reads the tile's input through a [`Slab`] where that applies, or else
-    /// gathered columns in place, with our f32 micro-kernel; a plain weight multiplies gathered
-    /// columns with the `gemm` crate.
+    /// A slab tile reads its input through a [`Slab`] with our f32 micro-kernel; other tiles
+    /// gather their columns and multiply them with the `gemm` crate.
     fn tile(
         g: &Geometry,
         x: &[Self],
@@ -526,38 +501,38 @@ impl ConvElement for f32 {
             row_offsets,
             panel_offsets,
         } = scratch;
-        let KernelRef::PackedF32(a) = w else {
-            let cols = prefix(columns, k * n);
-            for (r, row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
-                gather_row(g, x, tile, r, row);
-            }
-            let shape = GemmShape { m: g.c_out, n, k };
-            let w = w.plain()?;
-            return store_tile(g, tile, out, post.residual, product, |view, accumulate| {
-                gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)
-            });
-        };
-        let b = if tile.direct {
-            Slab::fill(g, x, tile, slab, row_offsets, panel_offsets)
+        if let (true, KernelRef::WithPanels(_, a)) = (tile.direct, w) {
+            let b = Slab::fill(g, x, tile, slab, row_offsets, panel_offsets)
                 .rhs()
-                .map_err(to_candle)?
-        } else {
-            // Rows padded to whole panels, so that the GEMM reads them in place.
-            let width = n.div_ceil(PANEL_COLUMNS) * PANEL_COLUMNS;
-            let cols = prefix(columns, k * width);
-            for (r, row) in cols.chunks_exact_mut(width.max(1)).enumerate() {
-                gather_row(g, x, tile, r, &mut row[..n]);
-            }
-            row_offsets.clear();
-            row_offsets.extend((0..k).map(|r| r * width));
-            panel_offsets.clear();
-            panel_offsets.extend((0..width / PANEL_COLUMNS).map(|j| j * PANEL_COLUMNS));
-            IndexedB::new_f32(cols, k, n, row_offsets, panel_offsets).map_err(to_candle)?
-        };
-        let bias = post.bias.map_or(Bias::None, Bias::Rows);
+                .map_err(to_candle)?;
+            let bias = post.bias.map_or(Bias::None, Bias::Rows);
+            return store_tile(g, tile, out, post.residual, product, |view, accumulate| {
+                bf16_gemm::gemm_f32_indexed(a, b, bias, view, accumulate, threads)
+                    .map_err(to_candle)
+            });
+        }
+        let cols = prefix(columns, k * n);
+        for (r, row) in cols.chunks_exact_mut(n.max(1)).enumerate() {
+            gather_row(g, x, tile, r, row);
+        }
+        let shape = GemmShape { m: g.c_out, n, k };
+        let w = w.plain()?;
         store_tile(g, tile, out, post.residual, product, |view, accumulate| {
-            bf16_gemm::gemm_f32_indexed(a, b, bias, view, accumulate, threads).map_err(to_candle)
+            gemm_f32(shape, w, cols, n, post.bias, view, accumulate, threads)
         })
+    }
+
+    fn panels(g: &Geometry, w: &[Self]) -> candle_core::Result<Option<Vec<f32>>> {
+        if !(slab::direct_applies(g, true) && bf16_gemm::f32_native_available()) {
+            return Ok(None);
+        }
+        let mut panels = F32_PANELS.take();
+        let len = bf16_gemm::packed_f32_a_len(g.c_out, g.k())
+            .ok_or_else(|| candle_core::Error::Msg("conv2d: kernel size overflows".into()))?;
+        panels.resize(len, 0.0);
+        let a = MatRef::new(w, g.c_out, g.k(), g.k(), 1).map_err(to_candle)?;
+        bf16_gemm::pack_a_f32_into(a, &mut panels).map_err(to_candle)?;
+        Ok(Some(panels))
     }
 }
 
@@ -652,6 +627,11 @@ struct Bf16Scratch {
 impl ConvElement for bf16 {
     type Scratch = Bf16Scratch;
 
+    /// bf16 kernels are packed once, by the layer ([`PackedKernel`]).
+    fn panels(_: &Geometry, _: &[Self]) -> candle_core::Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
+
     fn zeroed(len: usize) -> Vec<Self> {
         // `vec![bf16::ZERO; len]` would write every zero on this thread; zero bits are bf16 0.
         vec![0u16; len].reinterpret_into()
@@ -738,6 +718,9 @@ fn to_candle(e: crate::Error) -> candle_core::Error {
 }
 
 thread_local! {
+    /// The f32 panels of the last convolution on this thread, reused (never re-zeroed:
+    /// packing overwrites them).
+    static F32_PANELS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// A thread's tile buffers, kept between convolutions so that each tile does not fault in
     /// (and the kernel zero) fresh pages; at most a few tiles of [`MAX_TILE_BYTES`] per thread.
     static F32_SCRATCH: std::cell::RefCell<<f32 as ConvElement>::Scratch> =
@@ -940,7 +923,23 @@ fn conv2d_typed<T: ConvElement>(
     let weight = weight.contiguous()?;
     let (w_storage, w_layout) = weight.storage_and_layout();
     let w_data = cpu_slice::<T>(&w_storage, w_layout)?;
-    convolve_tensors(&geometry, x, KernelRef::Plain(w_data), bias, residual)
+    let Some(panels) = T::panels(&geometry, w_data)? else {
+        return convolve_tensors(&geometry, x, KernelRef::Plain(w_data), bias, residual);
+    };
+    let packed = PackedF32A::new(&panels, geometry.c_out, geometry.k()).map_err(to_candle);
+    let out = packed.and_then(|packed| {
+        let w = KernelRef::WithPanels(w_data, packed);
+        convolve_tensors(&geometry, x, w, bias, residual)
+    });
+    keep_panels(panels);
+    out
+}
+
+/// Keeps a call's f32 panels for the next call on this thread, unless they are large.
+fn keep_panels(panels: Vec<f32>) {
+    if panels.capacity() * std::mem::size_of::<f32>() <= KEEP_PANEL_BYTES {
+        F32_PANELS.set(panels);
+    }
 }
 
 /// The contiguous values of a CPU tensor.
