@@ -540,8 +540,31 @@ mod tests {
     const VOCAB: &str = r#"{"!": 0, "a": 1, "b": 2, "a</w>": 3, "b</w>": 4, "ab</w>": 5, "<|startoftext|>": 6, "<|endoftext|>": 7, "!</w>": 8}"#;
     const MERGES: &str = "#version: 0.2\na b</w>\n";
 
+    /// A temporary folder, removed when dropped (the tests leave nothing behind).
+    struct TempFolder(PathBuf);
+
+    impl std::ops::Deref for TempFolder {
+        type Target = std::path::Path;
+
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<std::path::Path> for TempFolder {
+        fn as_ref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempFolder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A fresh folder holding `files` (name, content).
-    fn folder(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    fn folder(name: &str, files: &[(&str, &str)]) -> TempFolder {
         let dir =
             std::env::temp_dir().join(format!("sdxl-tokenizer-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -549,7 +572,7 @@ mod tests {
         for (file, content) in files {
             std::fs::write(dir.join(file), content).unwrap();
         }
-        dir
+        TempFolder(dir)
     }
 
     fn tiny(name: &str, config: &str) -> ClipTokenizer {
