@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::test_support::max_abs_diff;
+use crate::test_support::{max_abs, max_abs_diff};
 
 fn config(padding: usize, stride: usize, dilation: usize) -> Conv2dConfig {
     Conv2dConfig {
@@ -116,15 +116,7 @@ fn bf16_matches_f32_of_rounded_values() {
             .unwrap();
         let wide = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let reference = conv2d(&wide(&x), &wide(&weight), Some(&bias), &cfg, prep, None).unwrap();
-        let scale = reference
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&reference);
         let worst = max_abs_diff(&ours, &reference);
         assert!(worst <= scale / 256.0, "worst {worst} (scale {scale})");
         // The packed kernel: the same weight back, the same output up to the order of the
@@ -252,13 +244,7 @@ fn slab_tiles_match_gathered_columns_bit_for_bit() {
                 .unwrap()
                 .add(&wide(&residual))
                 .unwrap();
-            let scale = reference
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&reference);
             let worst = max_abs_diff(&wide(&slabs), &reference);
             let tolerance = match dtype {
                 DType::F32 => 1e-4,
