@@ -7,16 +7,16 @@
 //!
 //! `out[c_out, p] = W[c_out, c_in·kh·kw] · cols[c_in·kh·kw, p] (+ bias[c_out])`
 //!
-//! The NCHW weight is already that row-major `[c_out, c_in·kh·kw]` matrix (a layer packs it
-//! once into GEMM panels, [`PackedKernel`]), and the product is already NCHW, so only the input
-//! is rearranged. Output rows are cut into tiles that run on separate threads. A stride-1 tile
-//! whose rows are whole GEMM panels reads its input through a slab, a copy of its input rows
-//! with the padding applied, from which the micro-kernel reads every tap's columns in place
-//! (`slab.rs`; bf16 kernels pair their input channels for it, `paired.rs`). Other tiles gather
-//! their columns with row copies (zero padding at the edges), straight into the GEMM's packed
-//! panels (bf16) or into a column matrix the f32 micro-kernel reads in place; a plain f32
-//! weight (CPUs without AVX-512) multiplies it with the `gemm` crate. A 1×1 convolution with
-//! stride 1 needs no gathering at all: the input is the column matrix.
+//! The NCHW weight is already that row-major `[c_out, c_in·kh·kw]` matrix (a bf16 layer packs
+//! it once into GEMM panels, [`PackedKernel`]; an f32 convolution packs it per call where
+//! slabs apply), and the product is already NCHW, so only the input is rearranged. Output rows
+//! are cut into tiles that run on separate threads. A stride-1 tile whose rows are whole GEMM
+//! panels reads its input through a slab, a copy of its input rows with the padding applied,
+//! from which our micro-kernel reads every tap's columns in place (`slab.rs`; bf16 kernels pair
+//! their input channels for it, `paired.rs`). Other tiles gather their columns with row copies
+//! (zero padding at the edges), straight into the GEMM's packed panels (bf16) or into a column
+//! matrix that the `gemm` crate multiplies (f32). A 1×1 convolution with stride 1 needs no
+//! gathering at all: the input is the column matrix.
 //!
 //! Two neighbours of a convolution are folded into it: an [`InputPrep`] (nearest-neighbour
 //! upsampling, extra bottom/right padding) is applied while the columns are gathered, and a
