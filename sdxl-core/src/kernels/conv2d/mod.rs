@@ -10,8 +10,8 @@
 //! The NCHW weight is already that row-major `[c_out, c_in·kh·kw]` matrix (a bf16 layer packs
 //! it once into GEMM panels, [`PackedKernel`]; an f32 convolution packs it per call where
 //! slabs apply), and the product is already NCHW, so only the input is rearranged. Output rows
-//! are cut into tiles that run on separate threads. A stride-1 tile whose rows are whole GEMM
-//! panels reads its input through a slab, a copy of its input rows with the padding applied,
+//! are cut into tiles that run on separate threads. A tile whose rows are whole GEMM panels
+//! reads its input through a slab, a copy of its input rows with the padding applied,
 //! from which our micro-kernel reads every tap's columns in place (`slab.rs`; bf16 kernels pair
 //! their input channels for it, `paired.rs`). Other tiles gather their columns with row copies
 //! (zero padding at the edges), straight into the GEMM's packed panels (bf16) or into a column
@@ -153,7 +153,7 @@ pub fn conv2d(
 /// weight is the GEMM's A, and a layer's weight is multiplied at every call: packing it per call
 /// cost about 4% of a bf16 UNet step). It replaces the weight (same size); [`weight`] unpacks a
 /// copy. A kernel with several taps and an even number of input channels is packed with its
-/// input channels in pairs (`paired.rs`), which lets stride-1 convolutions skip the column
+/// input channels in pairs (`paired.rs`), which lets its convolutions skip the column
 /// matrix (`slab.rs`).
 ///
 /// [`weight`]: PackedKernel::weight

@@ -8,8 +8,9 @@
 //! the pair) instead ([`pair_order`]). Then:
 //! - a tile's input is rewritten as planes of `u32` pairs of channels `2c` and `2c + 1` (a
 //!   [`Slab`](super::slab::Slab));
-//! - with stride 1, k-pair (pair, tap) over consecutive output columns of one row is a run of
-//!   consecutive pairs of that pair's plane, shifted by the tap, which the GEMM reads in place.
+//! - k-pair (pair, tap) over consecutive output columns of one row is a run of consecutive
+//!   pairs of that pair's plane (of one column phase of it, for strides above 1), shifted by
+//!   the tap, which the GEMM reads in place.
 //!
 //! [`PackedKernel`]: super::PackedKernel
 

@@ -4,12 +4,15 @@
 //! A tile's input rows (with the rows the taps reach above and below) are rewritten once as a
 //! [`Slab`]: one plane per k-step group (a pair of channels as `u32` for bf16 kernels packed in
 //! channel pairs, one channel for f32), with the zero padding and the nearest-neighbour
-//! upsampling of [`InputPrep`](super::InputPrep) applied. With stride 1, the k-step (plane,
-//! tap) over `NR` consecutive output columns of one row is `NR` consecutive values of that
-//! plane, shifted by the tap, and the GEMM reads them in place through an [`IndexedB`].
+//! upsampling of [`InputPrep`](super::InputPrep) applied. Each slab row is stored as `stride`
+//! phases: the columns `c` with `c % stride == q` in phase `q`, in order (one phase, the row
+//! itself, for stride 1). Then the k-step (plane, tap) over `NR` consecutive output columns of
+//! one row is `NR` consecutive values of one phase, shifted by the tap, and the GEMM reads them
+//! in place through an [`IndexedB`]: output column `o` under horizontal tap `t` reads slab
+//! column `o · stride + t`, which is column `o + t / stride` of phase `t % stride`.
 //!
-//! The slab is about the size of the tile's input (the column matrix is nine times that), and
-//! it stays in the core's L2 cache while the weight streams past it.
+//! The slab is about the size of the tile's input (the column matrix is nine times that for
+//! stride 1), and it stays in the core's L2 cache while the weight streams past it.
 
 use half::bf16;
 
@@ -17,14 +20,9 @@ use super::{Geometry, TileRows};
 use crate::kernels::bf16_gemm::{IndexedB, PANEL_COLUMNS};
 
 /// Whether a convolution's tiles can run without a column matrix: a kernel packed for it
-/// (`kernel_reads_slabs`), stride 1, no dilation, and output rows a whole number of GEMM
-/// panels.
+/// (`kernel_reads_slabs`), no dilation, and output rows a whole number of GEMM panels.
 pub(super) fn direct_applies(g: &Geometry, kernel_reads_slabs: bool) -> bool {
-    kernel_reads_slabs
-        && g.stride == 1
-        && g.dilation == 1
-        && g.out_w > 0
-        && g.out_w.is_multiple_of(PANEL_COLUMNS)
+    kernel_reads_slabs && g.dilation == 1 && g.out_w > 0 && g.out_w.is_multiple_of(PANEL_COLUMNS)
 }
 
 /// Whether a tile of such a convolution lies within one image (a slab holds one image's rows).
@@ -32,9 +30,47 @@ pub(super) fn within_one_image(g: &Geometry, tile: TileRows) -> bool {
     tile.count > 0 && tile.first / g.out_h == (tile.first + tile.count - 1) / g.out_h
 }
 
-/// Bytes of slab per output row of a tile of `element`-byte input values (for sizing tiles).
+/// Bytes of slab per output row of a tile of `element`-byte input values (for sizing tiles):
+/// `stride` slab rows.
 pub(super) fn slab_row_bytes(g: &Geometry, element: usize) -> usize {
-    g.c_in * (g.out_w + g.kernel_w - 1) * element
+    g.c_in * g.stride * SlabShape::new(g, 1).row_len() * element
+}
+
+/// The sizes of one plane of a tile's slab.
+#[derive(Debug, Clone, Copy)]
+struct SlabShape {
+    /// Slab rows: the input rows the tile's taps reach.
+    rows: usize,
+    /// Columns per phase: the furthest any output column reaches into one phase, `out_w +
+    /// (kw − 1) / stride`.
+    phase_cols: usize,
+    stride: usize,
+}
+
+impl SlabShape {
+    /// The plane of a tile of `count` output rows.
+    fn new(g: &Geometry, count: usize) -> Self {
+        Self {
+            rows: count.saturating_sub(1) * g.stride + g.kernel_h,
+            phase_cols: g.out_w + (g.kernel_w - 1) / g.stride,
+            stride: g.stride,
+        }
+    }
+
+    /// Values per slab row (all of its phases).
+    fn row_len(&self) -> usize {
+        self.stride * self.phase_cols
+    }
+
+    /// Values per plane.
+    fn plane_len(&self) -> usize {
+        self.rows * self.row_len()
+    }
+
+    /// Where tap `(ty, tx)` of output column 0 of the tile's first row lies in a plane.
+    fn tap_offset(&self, ty: usize, tx: usize) -> usize {
+        ty * self.row_len() + (tx % self.stride) * self.phase_cols + tx / self.stride
+    }
 }
 
 /// An input element type and the slab values it is rewritten into.
@@ -44,9 +80,42 @@ pub(super) trait SlabInput: Copy {
     /// Input channels per plane.
     const CHANNELS: usize;
 
-    /// `dst[j]` from column `j / upsample` of the plane's channel rows (`rows[1]` is empty
-    /// for one channel per plane).
-    fn write_row(rows: [&[Self]; 2], upsample: usize, dst: &mut [Self::Value]);
+    /// The value at column `col` of the plane's channel rows (`rows[1]` is empty for one
+    /// channel per plane); zero past the rows.
+    fn value(rows: [&[Self]; 2], col: usize) -> Self::Value;
+
+    /// `dst[j]` from column `j` of the plane's channel rows, the common case, written so that
+    /// it vectorises.
+    fn write_row(rows: [&[Self]; 2], dst: &mut [Self::Value]);
+
+    /// `dst[j]` from column `j / 2` of the plane's channel rows (×2 upsampling).
+    fn write_row_doubled(rows: [&[Self]; 2], dst: &mut [Self::Value]);
+}
+
+/// `dst[j]` from column `(first + j · step) / upsample` of the plane's channel rows.
+#[inline(always)]
+fn write_run<I: SlabInput>(
+    rows: [&[I]; 2],
+    first: usize,
+    step: usize,
+    upsample: usize,
+    dst: &mut [I::Value],
+) {
+    match (first, step, upsample) {
+        (0, 1, 1) => I::write_row(rows, dst),
+        (0, 1, 2) => I::write_row_doubled(rows, dst),
+        _ => {
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = I::value(rows, (first + j * step) / upsample);
+            }
+        }
+    }
+}
+
+/// Two bf16 channels of one pixel as one `u32`, the first in the low half.
+#[inline(always)]
+fn pair(lo: bf16, hi: bf16) -> u32 {
+    u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
 }
 
 impl SlabInput for bf16 {
@@ -54,28 +123,26 @@ impl SlabInput for bf16 {
     const CHANNELS: usize = 2;
 
     #[inline(always)]
-    fn write_row([lo, hi]: [&[bf16]; 2], upsample: usize, dst: &mut [u32]) {
-        let pair = |l: &bf16, h: &bf16| u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
-        match upsample {
-            1 => {
-                for ((d, l), h) in dst.iter_mut().zip(lo).zip(hi) {
-                    *d = pair(l, h);
-                }
-            }
-            2 => {
-                for ((d, l), h) in dst.chunks_exact_mut(2).zip(lo).zip(hi) {
-                    let v = pair(l, h);
-                    d[0] = v;
-                    d[1] = v;
-                }
-            }
-            _ => {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    if let (Some(l), Some(h)) = (lo.get(j / upsample), hi.get(j / upsample)) {
-                        *d = pair(l, h);
-                    }
-                }
-            }
+    fn value([lo, hi]: [&[bf16]; 2], col: usize) -> u32 {
+        match (lo.get(col), hi.get(col)) {
+            (Some(&l), Some(&h)) => pair(l, h),
+            _ => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn write_row([lo, hi]: [&[bf16]; 2], dst: &mut [u32]) {
+        for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+            *d = pair(l, h);
+        }
+    }
+
+    #[inline(always)]
+    fn write_row_doubled([lo, hi]: [&[bf16]; 2], dst: &mut [u32]) {
+        for ((d, &l), &h) in dst.chunks_exact_mut(2).zip(lo).zip(hi) {
+            let v = pair(l, h);
+            d[0] = v;
+            d[1] = v;
         }
     }
 }
@@ -85,32 +152,29 @@ impl SlabInput for f32 {
     const CHANNELS: usize = 1;
 
     #[inline(always)]
-    fn write_row([row, _]: [&[f32]; 2], upsample: usize, dst: &mut [f32]) {
-        match upsample {
-            1 => {
-                let n = dst.len().min(row.len());
-                dst[..n].copy_from_slice(&row[..n]);
-            }
-            2 => {
-                for (d, &v) in dst.chunks_exact_mut(2).zip(row) {
-                    d[0] = v;
-                    d[1] = v;
-                }
-            }
-            _ => {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    if let Some(&v) = row.get(j / upsample) {
-                        *d = v;
-                    }
-                }
-            }
+    fn value([row, _]: [&[f32]; 2], col: usize) -> f32 {
+        row.get(col).copied().unwrap_or_default()
+    }
+
+    #[inline(always)]
+    fn write_row([row, _]: [&[f32]; 2], dst: &mut [f32]) {
+        let n = dst.len().min(row.len());
+        dst[..n].copy_from_slice(&row[..n]);
+    }
+
+    #[inline(always)]
+    fn write_row_doubled([row, _]: [&[f32]; 2], dst: &mut [f32]) {
+        for (d, &v) in dst.chunks_exact_mut(2).zip(row) {
+            d[0] = v;
+            d[1] = v;
         }
     }
 }
 
-/// One tile's input: `[c_in / CHANNELS][count + kh − 1][out_w + kw − 1]` values, row `r` and
-/// column `c` holding the prepared input at `(oh0 + r − padding, c − padding)`, zero outside
-/// it; plus the offset tables that make it the tile's B.
+/// One tile's input: `[c_in / CHANNELS][(count − 1) · stride + kh][stride][phase_cols]`
+/// values, row `r`, phase `q` and column `j` holding the prepared input at `(oh0 · stride + r −
+/// padding, j · stride + q − padding)`, zero outside it; plus the offset tables that make it the
+/// tile's B.
 pub(super) struct Slab<'a, V> {
     values: &'a [V],
     row_offsets: &'a [usize],
@@ -131,21 +195,22 @@ impl<'a, V: Copy + Default> Slab<'a, V> {
         panel_offsets: &'a mut Vec<usize>,
     ) -> Self {
         let (taps, planes) = (g.kernel_h * g.kernel_w, g.c_in / I::CHANNELS);
-        let (rows, cols) = (tile.count + g.kernel_h - 1, g.out_w + g.kernel_w - 1);
-        let plane = rows * cols;
+        let shape = SlabShape::new(g, tile.count);
+        let plane = shape.plane_len();
         values.resize(planes * plane, V::default());
-        fill_planes(g, x, tile, (rows, cols), &mut values[..planes * plane]);
+        fill_planes(g, x, tile, shape, &mut values[..planes * plane]);
         row_offsets.clear();
         row_offsets.extend((0..planes * taps).map(|p| {
             let (index, tap) = (p / taps, p % taps);
-            index * plane + (tap / g.kernel_w) * cols + tap % g.kernel_w
+            index * plane + shape.tap_offset(tap / g.kernel_w, tap % g.kernel_w)
         }));
         let n = tile.count * g.out_w;
+        let row_step = g.stride * shape.row_len();
         panel_offsets.clear();
         panel_offsets.extend(
             (0..n.div_ceil(PANEL_COLUMNS))
                 .map(|j| j * PANEL_COLUMNS)
-                .map(|first| (first / g.out_w) * cols + first % g.out_w),
+                .map(|first| (first / g.out_w) * row_step + first % g.out_w),
         );
         Self {
             values: &values[..planes * plane],
@@ -189,7 +254,7 @@ fn fill_planes<I: SlabInput>(
     g: &Geometry,
     x: &[I],
     tile: TileRows,
-    size: (usize, usize),
+    shape: SlabShape,
     out: &mut [I::Value],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -197,9 +262,9 @@ fn fill_planes<I: SlabInput>(
         && std::arch::is_x86_feature_detected!("avx512bw")
     {
         // SAFETY: the CPU has the features the function is compiled for (checked just above).
-        return unsafe { fill_planes_avx512(g, x, tile, size, out) };
+        return unsafe { fill_planes_avx512(g, x, tile, shape, out) };
     }
-    fill_planes_body(g, x, tile, size, out);
+    fill_planes_body(g, x, tile, shape, out);
 }
 
 /// [`fill_planes_body`] compiled for AVX-512.
@@ -209,10 +274,10 @@ fn fill_planes_avx512<I: SlabInput>(
     g: &Geometry,
     x: &[I],
     tile: TileRows,
-    size: (usize, usize),
+    shape: SlabShape,
     out: &mut [I::Value],
 ) {
-    fill_planes_body(g, x, tile, size, out);
+    fill_planes_body(g, x, tile, shape, out);
 }
 
 /// The work of [`fill_planes`].
@@ -221,26 +286,21 @@ fn fill_planes_body<I: SlabInput>(
     g: &Geometry,
     x: &[I],
     tile: TileRows,
-    (rows, cols): (usize, usize),
+    shape: SlabShape,
     out: &mut [I::Value],
 ) {
     let (image, oh0) = (tile.first / g.out_h, tile.first % g.out_h);
     let src_plane = g.src_height * g.src_width;
-    // Columns of the slab that hold input values: `padding .. padding + width`.
-    let (left, inside) = (
-        g.padding.min(cols),
-        g.width.min(cols.saturating_sub(g.padding)),
-    );
-    for (index, plane) in out.chunks_exact_mut((rows * cols).max(1)).enumerate() {
+    for (index, plane) in out.chunks_exact_mut(shape.plane_len().max(1)).enumerate() {
         let channel = image * g.c_in + I::CHANNELS * index;
         let first = x.get(channel * src_plane..).unwrap_or_default();
         let second = match I::CHANNELS {
             2 => x.get((channel + 1) * src_plane..).unwrap_or_default(),
             _ => &[],
         };
-        for (r, dst) in plane.chunks_exact_mut(cols).enumerate() {
-            let iy = (oh0 + r).checked_sub(g.padding).filter(|&iy| iy < g.height);
-            let Some(iy) = iy else {
+        for (r, dst) in plane.chunks_exact_mut(shape.row_len().max(1)).enumerate() {
+            let iy = (oh0 * g.stride + r).checked_sub(g.padding);
+            let Some(iy) = iy.filter(|&iy| iy < g.height) else {
                 dst.fill(I::Value::default());
                 continue;
             };
@@ -249,11 +309,21 @@ fn fill_planes_body<I: SlabInput>(
                 first.get(row.clone()).unwrap_or_default(),
                 second.get(row).unwrap_or_default(),
             ];
-            let (head, rest) = dst.split_at_mut(left);
-            head.fill(I::Value::default());
-            let (body, tail) = rest.split_at_mut(inside);
-            tail.fill(I::Value::default());
-            I::write_row(source, g.upsample, body);
+            for (q, phase) in dst.chunks_exact_mut(shape.phase_cols.max(1)).enumerate() {
+                // Column j of phase q is slab column j · stride + q, input column j · stride +
+                // q − padding: inside the input for j in start..end.
+                let start = g.padding.saturating_sub(q).div_ceil(g.stride);
+                let end = (g.width + g.padding)
+                    .saturating_sub(q)
+                    .div_ceil(g.stride)
+                    .clamp(start.min(phase.len()), phase.len());
+                let (head, rest) = phase.split_at_mut(start.min(end));
+                head.fill(I::Value::default());
+                let (body, tail) = rest.split_at_mut(end - start.min(end));
+                tail.fill(I::Value::default());
+                let first_column = (start * g.stride + q).saturating_sub(g.padding);
+                write_run::<I>(source, first_column, g.stride, g.upsample, body);
+            }
         }
     }
 }

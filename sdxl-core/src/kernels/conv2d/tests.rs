@@ -160,12 +160,11 @@ fn rejects_mismatched_channels() {
     assert!(conv2d(&x, &weight, None, &config(0, 1, 1), InputPrep::NONE, None).is_err());
 }
 
-/// Stride-1 tiles read through slabs (bf16: a kernel packed in channel pairs; f32: the weight
-/// packed for the call). In bf16 that gives the same bits as gathering the columns (the same
-/// sums in the same order); both match the f32 convolution of the same values (bf16: within
-/// its rounding). Covers
-/// padding, upsampling, bottom-right padding, a residual, several tiles per image and tiles
-/// spanning images.
+/// Tiles read through slabs (bf16: a kernel packed in channel pairs; f32: the weight packed
+/// for the call). In bf16 that gives the same bits as gathering the columns (the same sums in
+/// the same order); both match the f32 convolution of the same values (bf16: within its
+/// rounding). Covers padding, upsampling, bottom-right padding, strides 2 and 3 (the
+/// downsampling convolutions), a residual, several tiles per image and tiles spanning images.
 #[test]
 fn slab_tiles_match_gathered_columns_bit_for_bit() {
     let d = &Device::Cpu;
@@ -180,20 +179,26 @@ fn slab_tiles_match_gathered_columns_bit_for_bit() {
             continue;
         }
         let mut slab_tiles = 0;
-        for ((b, ci, h, w, co, k, p), prep) in [
-            ((2, 8, 16, 32, 6, 3, 1), InputPrep::NONE),
-            ((2, 8, 12, 32, 6, 3, 1), InputPrep::NONE),
-            ((1, 6, 40, 64, 20, 3, 1), InputPrep::NONE),
-            ((2, 4, 8, 16, 3, 3, 1), InputPrep::upsample(2)),
-            ((1, 10, 31, 31, 5, 3, 1), InputPrep::pad_bottom_right(1)),
-            ((3, 2, 14, 34, 4, 3, 0), InputPrep::NONE),
-            ((2, 32, 64, 64, 8, 3, 1), InputPrep::NONE),
+        for ((b, ci, h, w, co, k, p, s), prep) in [
+            ((2, 8, 16, 32, 6, 3, 1, 1), InputPrep::NONE),
+            ((2, 8, 12, 32, 6, 3, 1, 1), InputPrep::NONE),
+            ((1, 6, 40, 64, 20, 3, 1, 1), InputPrep::NONE),
+            ((2, 4, 8, 16, 3, 3, 1, 1), InputPrep::upsample(2)),
+            ((1, 10, 31, 31, 5, 3, 1, 1), InputPrep::pad_bottom_right(1)),
+            ((3, 2, 14, 34, 4, 3, 0, 1), InputPrep::NONE),
+            ((2, 32, 64, 64, 8, 3, 1, 1), InputPrep::NONE),
+            // The VAE encoder's downsampling: stride 2, no padding but one row and column
+            // below and to the right.
+            ((1, 8, 64, 64, 6, 3, 0, 2), InputPrep::pad_bottom_right(1)),
+            ((2, 6, 40, 64, 5, 3, 1, 2), InputPrep::NONE),
+            ((1, 4, 20, 96, 3, 3, 1, 3), InputPrep::NONE),
+            ((1, 4, 9, 32, 3, 3, 1, 2), InputPrep::upsample(2)),
         ] {
             let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
             let x = cast(Tensor::randn(0f32, 1.0, (b, ci, h, w), d).unwrap());
             let weight = cast(Tensor::randn(0f32, 1.0, (co, ci, k, k), d).unwrap());
             let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
-            let cfg = config(p, 1, 1);
+            let cfg = config(p, s, 1);
             let g = Geometry::new(x.dims(), weight.dims(), &cfg, prep).unwrap();
             let residual = cast(Tensor::randn(0f32, 1.0, g.out_dims(), d).unwrap());
             let bias_values = bias.to_vec1::<f32>().unwrap();
