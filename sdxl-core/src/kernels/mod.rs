@@ -1,5 +1,5 @@
-//! CPU kernels that candle 0.11 lacks or runs slowly (fused attention, convolution, group norm,
-//! activations, native bf16 GEMM and the convolutions' f32 GEMM, transposes), used by the
+//! CPU kernels that candle 0.11 lacks or runs slowly (fused attention, convolution, group and
+//! layer norm, activations, native bf16 GEMM and the convolutions' f32 GEMM, transposes), used by the
 //! layers when they apply.
 
 pub mod activation;
@@ -7,6 +7,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod conv2d;
 pub mod group_norm;
+pub mod layer_norm;
 mod math;
 pub mod matmul;
 mod parallel;

@@ -1,10 +1,11 @@
-//! Layers shared by the UNet and the VAE, built from [`Weights`] under the checkpoint's own
-//! names.
+//! Layers shared by the UNet, the VAE and the text encoders, built from [`Weights`] under the
+//! checkpoint's own names.
 //!
-//! The layer types are candle-nn's; these constructors read `weight`/`bias` with shape checks so
-//! that a wrong checkpoint fails with the full key and both shapes.
+//! The layer types run our CPU kernels where they apply and candle's operations elsewhere;
+//! these constructors read `weight`/`bias` with shape checks so that a wrong checkpoint fails
+//! with the full key and both shapes.
 
-use candle_nn::{Conv2dConfig, LayerNorm};
+use candle_nn::Conv2dConfig;
 
 use crate::error::{Error, Result};
 use crate::loading::Weights;
@@ -79,6 +80,7 @@ pub fn layer_norm(size: usize, eps: f64, w: &Weights) -> Result<LayerNorm> {
 
 pub mod conv;
 pub mod group_norm;
+pub mod layer_norm;
 pub mod linear;
 pub mod resnet;
 pub mod sampling;
@@ -86,6 +88,7 @@ pub mod visit;
 
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
+pub use layer_norm::LayerNorm;
 pub use linear::Linear;
 pub use resnet::ResnetBlock2D;
 pub use sampling::{Downsample2D, Upsample2D};

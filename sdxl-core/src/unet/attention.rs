@@ -2,14 +2,13 @@
 //! [`BasicTransformerBlock`] and [`Transformer2DModel`] (diffusers' names and checkpoint keys).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::LayerNorm;
 
 use super::config::TransformerSpec;
 use crate::error::{Error, Result};
 use crate::kernels::activation;
 use crate::kernels::attention::{self, AttentionSpec};
 use crate::kernels::matmul::matmul;
-use crate::layers::{group_norm, layer_norm, linear, GroupNorm, Linear};
+use crate::layers::{group_norm, layer_norm, linear, GroupNorm, LayerNorm, Linear};
 use crate::loading::Weights;
 
 /// Receives each linear layer with its full checkpoint name (without `.weight`), e.g.

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::LayerNorm;
 
 use crate::kernels::attention::{self, AttentionSpec};
 use crate::kernels::matmul::matmul;
@@ -12,7 +11,7 @@ use crate::layers::Linear;
 
 use super::config::{Activation, ClipTextConfig};
 use crate::error::{Error, Result};
-use crate::layers::{layer_norm, linear};
+use crate::layers::{layer_norm, linear, LayerNorm};
 use crate::loading::{component_weight_files, read_json, Weights};
 
 /// Key of the token table under the text transformer's prefix, used to find that prefix.
