@@ -689,43 +689,36 @@ fn lane_sum(acc: [f32; LANES]) -> f32 {
 /// `row[j] = exp(scale · row[j] − max)`, returning the sum.
 #[inline(always)]
 fn exp_in_place(row: &mut [f32], scale: f32, max: f32) -> f32 {
-    let (chunks, tail) = row.as_chunks_mut::<LANES>();
-    let mut acc = [0.0f32; LANES];
-    for chunk in chunks {
-        for (a, x) in acc.iter_mut().zip(chunk) {
-            *x = exp(*x * scale - max);
-            *a += *x;
-        }
-    }
-    let mut tail_sum = 0.0;
-    for x in tail {
+    for x in row.iter_mut() {
         *x = exp(*x * scale - max);
-        tail_sum += *x;
     }
-    lane_sum(acc) + tail_sum
+    sum_in_lanes(row)
 }
 
 /// `p[j] = bf16(exp(scale · row[j] − max))` for `p` as long as `row`, returning the sum of
-/// the f32 exponentials.
+/// the f32 exponentials (which are left in `row`).
 #[inline(always)]
-fn exp_to_bf16(row: &[f32], p: &mut [bf16], scale: f32, max: f32) -> f32 {
+fn exp_to_bf16(row: &mut [f32], p: &mut [bf16], scale: f32, max: f32) -> f32 {
+    for (x, d) in row.iter_mut().zip(p.iter_mut()) {
+        *x = exp(*x * scale - max);
+        *d = round_bf16(*x);
+    }
+    sum_in_lanes(row)
+}
+
+/// `Σ row[j]`: [`LANES`] running sums, then the tail. A pass of its own: summing inside the
+/// exponential's loop kept the running sums on the stack, where each 64-byte store and reload
+/// stalled.
+#[inline(always)]
+fn sum_in_lanes(row: &[f32]) -> f32 {
     let (chunks, tail) = row.as_chunks::<LANES>();
-    let (pchunks, ptail) = p.as_chunks_mut::<LANES>();
     let mut acc = [0.0f32; LANES];
-    for (src, dst) in chunks.iter().zip(pchunks) {
-        for ((a, &x), d) in acc.iter_mut().zip(src).zip(dst) {
-            let e = exp(x * scale - max);
-            *a += e;
-            *d = round_bf16(e);
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += x;
         }
     }
-    let mut tail_sum = 0.0;
-    for (&x, d) in tail.iter().zip(ptail) {
-        let e = exp(x * scale - max);
-        tail_sum += e;
-        *d = round_bf16(e);
-    }
-    lane_sum(acc) + tail_sum
+    lane_sum(acc) + tail.iter().fold(0.0, |sum, &x| sum + x)
 }
 
 /// One operand's values (from its layout's start) and `[B, T, C]` strides, with every element
