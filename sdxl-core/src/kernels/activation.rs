@@ -14,6 +14,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::math::{self, Element};
+use super::storage::contiguous_values;
 
 /// Whether the kernels handle `x`: a CPU tensor in f32 or bf16 ([`geglu`] also needs an even
 /// last dimension).
@@ -91,16 +92,7 @@ fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("activation kernel: expected a CPU tensor")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("activation kernel: expected a contiguous tensor")
-    };
-    let input = cpu
-        .as_slice::<T>()?
-        .get(start..end)
-        .ok_or_else(|| candle_core::Error::Msg("activation kernel: storage too short".into()))?;
+    let input = contiguous_values::<T>(&storage, layout, "activation kernel")?;
     let out = if width == 0 {
         let mut out = vec![T::store(0.0); input.len()];
         out.par_chunks_mut(VALUES_PER_TASK)

@@ -14,6 +14,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::math::{silu, Element};
+use super::storage::contiguous_values;
 
 /// Whether [`group_norm`] handles `x`: an f32 or bf16 tensor on the CPU with at least 3
 /// dimensions.
@@ -70,16 +71,7 @@ fn group_norm_typed<T: Element>(
     let x = x.contiguous()?;
     let values = x.flatten_all()?;
     let (storage, layout) = values.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("group norm: expected a CPU tensor")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("group norm: expected a contiguous tensor")
-    };
-    let input = cpu
-        .as_slice::<T>()?
-        .get(start..end)
-        .ok_or_else(|| candle_core::Error::Msg("group norm: storage too short".into()))?;
+    let input = contiguous_values::<T>(&storage, layout, "group norm")?;
     let group_len = spatial * (channels / groups);
     let mut out = vec![T::store(0.0); input.len()];
     out.par_chunks_mut(group_len.max(1))

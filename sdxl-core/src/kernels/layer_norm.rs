@@ -13,6 +13,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::math::Element;
+use super::storage::contiguous_values;
 
 /// Whether [`layer_norm`] handles `x`: an f32 or bf16 CPU tensor with at least one dimension.
 pub fn supports(x: &Tensor) -> bool {
@@ -73,16 +74,7 @@ fn layer_norm_typed<T: Element>(x: &Tensor, affine: &Affine) -> candle_core::Res
     let width = affine.weight.len();
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("layer norm kernel: expected a CPU tensor")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("layer norm kernel: expected a contiguous tensor")
-    };
-    let input = cpu
-        .as_slice::<T>()?
-        .get(start..end)
-        .ok_or_else(|| candle_core::Error::Msg("layer norm kernel: storage too short".into()))?;
+    let input = contiguous_values::<T>(&storage, layout, "layer norm kernel")?;
     let mut out = vec![T::store(0.0); input.len()];
     if let Some(rows) = VALUES_PER_TASK.checked_div(width) {
         let rows_per_task = rows.max(1) * width;

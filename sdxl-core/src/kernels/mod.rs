@@ -11,4 +11,5 @@ pub mod layer_norm;
 mod math;
 pub mod matmul;
 mod parallel;
+mod storage;
 pub mod transpose;

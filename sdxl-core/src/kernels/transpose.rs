@@ -11,6 +11,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::storage::contiguous_values;
 use crate::loading::memory::advise_huge_pages;
 
 /// A contiguous copy of the transpose of the 2-D tensor `t`: `[rows, cols]` → `[cols, rows]`.
@@ -38,16 +39,7 @@ fn transpose_typed<T: Element>(
 ) -> candle_core::Result<Tensor> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("transpose: expected a CPU tensor")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("transpose: expected a contiguous tensor")
-    };
-    let src = cpu
-        .as_slice::<T>()?
-        .get(start..end)
-        .ok_or_else(|| candle_core::Error::Msg("transpose: storage too short".into()))?;
+    let src = contiguous_values::<T>(&storage, layout, "transpose")?;
     let dst = transpose_converted::<T, T>(src, rows, cols);
     drop(storage);
     Tensor::from_vec(dst, (cols, rows), &Device::Cpu)

@@ -28,6 +28,7 @@ use half::{bf16, vec::HalfBitsVecExt};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, PackedF32A, Rhs};
+use super::storage::contiguous_values;
 use paired::KOrder;
 use slab::Slab;
 
@@ -947,14 +948,7 @@ fn cpu_slice<'a, T: WithDType>(
     storage: &'a Storage,
     layout: &Layout,
 ) -> candle_core::Result<&'a [T]> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("conv2d: expected a CPU tensor")
-    };
-    let all = cpu.as_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) if end <= all.len() => Ok(&all[start..end]),
-        _ => candle_core::bail!("conv2d: expected a contiguous tensor"),
-    }
+    contiguous_values(storage, layout, "conv2d")
 }
 
 /// Runs the convolution into a fresh NCHW buffer, reading the input through channel-paired
