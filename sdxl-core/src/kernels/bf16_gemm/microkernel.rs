@@ -149,7 +149,7 @@ pub(super) mod avx512 {
         // `kp*MR` A pairs, `kp*16*NV` B pairs and `MR` scratch rows of `16*NV` floats at
         // stride `ldc` (checked by `tile_fits`), which is all the kernel touches.
         unsafe {
-            tile_bf16::<MR, NV, _>(
+            Bf16Pairs::compiled_tile::<MR, NV, _>(
                 kp,
                 a.as_ptr(),
                 Packed::<u32, NV>(b.as_ptr()),
@@ -161,37 +161,15 @@ pub(super) mod avx512 {
         true
     }
 
-    /// [`kernel`] with B read through an [`IndexedB`]: k-pairs `pairs` of panel `panel`.
+    /// An `MR x (16*NV)` tile in the arithmetic `Ar` ([`Bf16Pairs`] or [`F32`]): `c (=|+=)
+    /// a · b`, A packed as `[k-step][MR]` and B read through an [`IndexedB`] (k-steps `steps`
+    /// of panel `panel`). Returns `false` (and does nothing) when the slices are too short or
+    /// the CPU lacks the kernel's features.
     #[allow(clippy::too_many_arguments)]
-    pub(in crate::kernels) fn kernel_indexed<const MR: usize, const NV: usize>(
-        pairs: std::ops::Range<usize>,
-        a: &[u32],
-        b: &IndexedB<'_, u32>,
-        panel: usize,
-        c: &mut [f32],
-        ldc: usize,
-        first: bool,
-    ) -> bool {
-        let Some(rows) = Offsets::checked::<MR, NV, _>(pairs, a, b, panel, c, ldc) else {
-            return false;
-        };
-        if !available() {
-            return false;
-        }
-        // SAFETY: the CPU supports avx512f+avx512bf16; `Offsets::checked` sized `a` and `c`
-        // and made `rows` yield only runs inside B's buffer.
-        unsafe { tile_bf16::<MR, NV, _>(rows.steps, a.as_ptr(), rows, c.as_mut_ptr(), ldc, first) }
-        true
-    }
-
-    /// The f32 kernel: `c (=|+=) a · b` for an `MR x (16*NV)` tile, A packed as `[k][MR]` f32
-    /// and B read through an f32 [`IndexedB`] (rows `steps` of panel `panel`). Returns `false`
-    /// (and does nothing) when the slices are too short or the CPU lacks AVX-512F.
-    #[allow(clippy::too_many_arguments)]
-    pub(in crate::kernels) fn kernel_f32<const MR: usize, const NV: usize>(
+    pub(in crate::kernels) fn kernel_indexed<Ar: Arith, const MR: usize, const NV: usize>(
         steps: std::ops::Range<usize>,
-        a: &[f32],
-        b: &IndexedB<'_, f32>,
+        a: &[Ar::A],
+        b: &IndexedB<'_, Ar::B>,
         panel: usize,
         c: &mut [f32],
         ldc: usize,
@@ -200,17 +178,20 @@ pub(super) mod avx512 {
         let Some(rows) = Offsets::checked::<MR, NV, _>(steps, a, b, panel, c, ldc) else {
             return false;
         };
-        if !f32_available() {
+        if !Ar::available() {
             return false;
         }
-        // SAFETY: the CPU supports avx512f; `Offsets::checked` sized `a` and `c` and made
-        // `rows` yield only runs inside B's buffer.
-        unsafe { tile_f32::<MR, NV, _>(rows.steps, a.as_ptr(), rows, c.as_mut_ptr(), ldc, first) }
+        // SAFETY: the CPU supports the kernel's features (checked just above);
+        // `Offsets::checked` sized `a` and `c` and made `rows` yield only runs inside B's
+        // buffer.
+        unsafe {
+            Ar::compiled_tile::<MR, NV, _>(rows.steps, a.as_ptr(), rows, c.as_mut_ptr(), ldc, first)
+        }
         true
     }
 
     /// Where the register-blocked loop finds each k-step's `16 * NV` B values.
-    trait BRows<T> {
+    pub(in crate::kernels) trait BRows<T> {
         /// The next k-step's values.
         ///
         /// # Safety
@@ -281,13 +262,29 @@ pub(super) mod avx512 {
         }
     }
 
-    /// The arithmetic of a kernel: its A and B elements, and how a broadcast A element times a
-    /// vector of B is accumulated.
-    trait Arith {
+    /// The arithmetic of a kernel: its A and B elements, how a broadcast A element times a
+    /// vector of B is accumulated, and the register-blocked loop compiled for its features.
+    pub(in crate::kernels) trait Arith {
         /// One A element, broadcast to a whole register.
         type A: Copy;
         /// One B element (4 bytes: 16 per register).
         type B;
+
+        /// Whether this CPU has the kernel's features.
+        fn available() -> bool;
+
+        /// The register-blocked loop [`tile`] compiled for the kernel's features.
+        ///
+        /// # Safety
+        /// As [`tile`]; the CPU must have the kernel's features ([`Arith::available`]).
+        unsafe fn compiled_tile<const MR: usize, const NV: usize, B: BRows<Self::B>>(
+            kp: usize,
+            a: *const Self::A,
+            b: B,
+            c: *mut f32,
+            ldc: usize,
+            first: bool,
+        );
 
         /// `a` in every lane.
         ///
@@ -303,11 +300,28 @@ pub(super) mod avx512 {
     }
 
     /// bf16 pairs and `vdpbf16ps`.
-    struct Bf16Pairs;
+    pub(in crate::kernels) struct Bf16Pairs;
 
     impl Arith for Bf16Pairs {
         type A = u32;
         type B = u32;
+
+        fn available() -> bool {
+            available()
+        }
+
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn compiled_tile<const MR: usize, const NV: usize, B: BRows<u32>>(
+            kp: usize,
+            a: *const u32,
+            b: B,
+            c: *mut f32,
+            ldc: usize,
+            first: bool,
+        ) {
+            // SAFETY: forwarded from the caller.
+            unsafe { tile::<Self, MR, NV, B>(kp, a, b, c, ldc, first) }
+        }
 
         #[inline(always)]
         unsafe fn splat(a: u32) -> __m512i {
@@ -329,11 +343,28 @@ pub(super) mod avx512 {
     }
 
     /// f32 and `vfmadd231ps`.
-    struct F32;
+    pub(in crate::kernels) struct F32;
 
     impl Arith for F32 {
         type A = f32;
         type B = f32;
+
+        fn available() -> bool {
+            f32_available()
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn compiled_tile<const MR: usize, const NV: usize, B: BRows<f32>>(
+            kp: usize,
+            a: *const f32,
+            b: B,
+            c: *mut f32,
+            ldc: usize,
+            first: bool,
+        ) {
+            // SAFETY: forwarded from the caller.
+            unsafe { tile::<Self, MR, NV, B>(kp, a, b, c, ldc, first) }
+        }
 
         #[inline(always)]
         unsafe fn splat(a: f32) -> __m512i {
@@ -344,40 +375,6 @@ pub(super) mod avx512 {
         unsafe fn madd(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
             _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc)
         }
-    }
-
-    /// [`tile`] for bf16 pairs, compiled for AVX512-BF16.
-    ///
-    /// # Safety
-    /// As [`tile`]; the CPU must support avx512f and avx512bf16.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_bf16<const MR: usize, const NV: usize, B: BRows<u32>>(
-        kp: usize,
-        a: *const u32,
-        b: B,
-        c: *mut f32,
-        ldc: usize,
-        first: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { tile::<Bf16Pairs, MR, NV, B>(kp, a, b, c, ldc, first) }
-    }
-
-    /// [`tile`] for f32, compiled for AVX-512F.
-    ///
-    /// # Safety
-    /// As [`tile`]; the CPU must support avx512f.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_f32<const MR: usize, const NV: usize, B: BRows<f32>>(
-        kp: usize,
-        a: *const f32,
-        b: B,
-        c: *mut f32,
-        ldc: usize,
-        first: bool,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe { tile::<F32, MR, NV, B>(kp, a, b, c, ldc, first) }
     }
 
     /// The register-blocked loop.

@@ -177,7 +177,8 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Native => {
-                microkernel::avx512::kernel_indexed::<MR, NV>(pairs, a, b, panel, c, ldc, first)
+                use microkernel::avx512::{kernel_indexed, Bf16Pairs};
+                kernel_indexed::<Bf16Pairs, MR, NV>(pairs, a, b, panel, c, ldc, first)
             }
             Kernel::Portable => {
                 microkernel::portable_indexed::<MR, NR>(pairs, a, b, panel, c, ldc, first)
@@ -201,7 +202,8 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             Kernel::Native => {
-                microkernel::avx512::kernel_f32::<MR, NV>(steps, a, b, panel, c, ldc, first)
+                use microkernel::avx512::{kernel_indexed, F32};
+                kernel_indexed::<F32, MR, NV>(steps, a, b, panel, c, ldc, first)
             }
             Kernel::Portable => {
                 microkernel::portable_f32::<MR, NR>(steps, a, b, panel, c, ldc, first)
