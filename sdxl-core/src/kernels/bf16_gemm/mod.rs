@@ -243,15 +243,7 @@ pub fn gemm_bf16<O: GemmOutput>(
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
-    gemm_with(
-        Kernel::best(),
-        Lhs::Matrix(a),
-        Rhs::Matrix(b),
-        Bias::None,
-        c,
-        accumulate,
-        threads,
-    )
+    gemm_bf16_bias(a, b, Bias::None, c, accumulate, threads)
 }
 
 /// [`gemm_bf16`] plus a bias added in f32 before the single store/rounding:
@@ -268,15 +260,7 @@ pub fn gemm_bf16_bias<O: GemmOutput>(
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
-    gemm_with(
-        Kernel::best(),
-        Lhs::Matrix(a),
-        Rhs::Matrix(b),
-        bias,
-        c,
-        accumulate,
-        threads,
-    )
+    gemm_bf16_operands(Lhs::Matrix(a), Rhs::Matrix(b), bias, c, accumulate, threads)
 }
 
 /// [`gemm_bf16_bias`] with either operand packed beforehand ([`pack_a`], [`pack_b`],
