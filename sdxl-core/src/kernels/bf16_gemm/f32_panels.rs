@@ -5,11 +5,10 @@
 //! A panel of `MR` rows is `[k][MR]` f32 (each value is broadcast to a whole register); rows
 //! past the matrix are zero.
 
-use rayon::prelude::*;
-
 use super::mat::MatRef;
+use super::pack::{expect_packed_len, fill_panels};
 use super::MR;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// An f32 A packed by [`pack_a_f32_into`]: every `MR`-row panel of a `rows x cols` (m x k)
 /// matrix.
@@ -29,34 +28,23 @@ pub fn packed_f32_a_len(rows: usize, cols: usize) -> Option<usize> {
 /// values, on rayon's global pool; read it back with [`PackedF32A::new`].
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] if `dst` has another length.
+/// [`Error::InvalidArgument`](crate::error::Error::InvalidArgument) if `dst` has another length.
 pub fn pack_a_f32_into(a: MatRef<'_, f32>, dst: &mut [f32]) -> Result<()> {
-    if packed_f32_a_len(a.rows, a.cols) != Some(dst.len()) {
-        return Err(Error::invalid(format!(
-            "{} values cannot hold a packed {}x{} f32 A",
-            dst.len(),
-            a.rows,
-            a.cols
-        )));
-    }
-    let panel_len = a.cols * MR;
-    if panel_len > 0 {
-        dst.par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(i, panel)| {
-                for r in 0..MR {
-                    let row = i * MR + r;
-                    for (p, slot) in panel.chunks_exact_mut(MR).enumerate() {
-                        slot[r] = match row < a.rows {
-                            true => a.data.get(row * a.row_stride + p * a.col_stride),
-                            false => None,
-                        }
-                        .copied()
-                        .unwrap_or(0.0);
-                    }
+    let size = (a.rows, a.cols);
+    expect_packed_len(packed_f32_a_len(a.rows, a.cols), dst.len(), size, "f32 A")?;
+    fill_panels(dst, a.cols * MR, true, |i, panel| {
+        for r in 0..MR {
+            let row = i * MR + r;
+            for (p, slot) in panel.chunks_exact_mut(MR).enumerate() {
+                slot[r] = match row < a.rows {
+                    true => a.data.get(row * a.row_stride + p * a.col_stride),
+                    false => None,
                 }
-            });
-    }
+                .copied()
+                .unwrap_or(0.0);
+            }
+        }
+    });
     Ok(())
 }
 
@@ -64,14 +52,15 @@ impl<'a> PackedF32A<'a> {
     /// A view of what [`pack_a_f32_into`] wrote for a `rows x cols` A.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.
+    /// [`Error::InvalidArgument`](crate::error::Error::InvalidArgument) if `panels` does not
+    /// hold exactly that many values.
     pub fn new(panels: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
-        if packed_f32_a_len(rows, cols) != Some(panels.len()) {
-            return Err(Error::invalid(format!(
-                "{} packed values do not hold a packed {rows}x{cols} f32 A",
-                panels.len()
-            )));
-        }
+        expect_packed_len(
+            packed_f32_a_len(rows, cols),
+            panels.len(),
+            (rows, cols),
+            "f32 A",
+        )?;
         Ok(Self { panels, rows, cols })
     }
 

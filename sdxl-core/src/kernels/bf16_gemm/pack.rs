@@ -39,18 +39,11 @@ pub fn packed_len(rows: usize, cols: usize) -> Option<usize> {
 /// # Errors
 /// [`Error::InvalidArgument`] if the packed size overflows or cannot be allocated.
 pub fn pack_b(b: MatRef<'_, bf16>) -> Result<Vec<u32>> {
-    let len = packed_len(b.rows, b.cols)
-        .ok_or_else(|| Error::invalid("packed B size overflows usize"))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len)
-        .map_err(|e| Error::invalid(format!("cannot allocate packed B ({len} values): {e}")))?;
-    out.resize(len, 0);
+    let mut out = zeroed_panels(packed_len(b.rows, b.cols), "B")?;
     let panel_len = b.rows.div_ceil(2) * NR;
-    if panel_len > 0 {
-        out.par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(j, panel)| pack_b_panel::<NR>(&b, j * NR, panel));
-    }
+    fill_panels(&mut out, panel_len, true, |j, panel| {
+        pack_b_panel::<NR>(&b, j * NR, panel)
+    });
     Ok(out)
 }
 
@@ -61,18 +54,11 @@ pub fn pack_b(b: MatRef<'_, bf16>) -> Result<Vec<u32>> {
 /// # Errors
 /// [`Error::InvalidArgument`] if `dst` has another length.
 pub fn pack_b_into(b: MatRef<'_, bf16>, dst: &mut [u32]) -> Result<()> {
-    if packed_len(b.rows, b.cols) != Some(dst.len()) {
-        return Err(Error::invalid(format!(
-            "{} values cannot hold a packed {}x{} B",
-            dst.len(),
-            b.rows,
-            b.cols
-        )));
-    }
+    expect_packed_len(packed_len(b.rows, b.cols), dst.len(), (b.rows, b.cols), "B")?;
     let panel_len = b.rows.div_ceil(2) * NR;
-    for (j, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
-        pack_b_panel::<NR>(&b, j * NR, panel);
-    }
+    fill_panels(dst, panel_len, false, |j, panel| {
+        pack_b_panel::<NR>(&b, j * NR, panel)
+    });
     Ok(())
 }
 
@@ -99,18 +85,11 @@ pub fn packed_a_len(rows: usize, cols: usize) -> Option<usize> {
 /// # Errors
 /// [`Error::InvalidArgument`] if the packed size overflows or cannot be allocated.
 pub fn pack_a(a: MatRef<'_, bf16>) -> Result<Vec<u32>> {
-    let len = packed_a_len(a.rows, a.cols)
-        .ok_or_else(|| Error::invalid("packed A size overflows usize"))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len)
-        .map_err(|e| Error::invalid(format!("cannot allocate packed A ({len} values): {e}")))?;
-    out.resize(len, 0);
+    let mut out = zeroed_panels(packed_a_len(a.rows, a.cols), "A")?;
     let panel_len = a.cols.div_ceil(2) * MR;
-    if panel_len > 0 {
-        out.par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(i, panel)| pack_a_panel::<MR>(&a, i * MR, panel));
-    }
+    fill_panels(&mut out, panel_len, true, |i, panel| {
+        pack_a_panel::<MR>(&a, i * MR, panel)
+    });
     Ok(out)
 }
 
@@ -120,19 +99,66 @@ pub fn pack_a(a: MatRef<'_, bf16>) -> Result<Vec<u32>> {
 /// # Errors
 /// [`Error::InvalidArgument`] if `dst` has another length.
 pub fn pack_a_into(a: MatRef<'_, bf16>, dst: &mut [u32]) -> Result<()> {
-    if packed_a_len(a.rows, a.cols) != Some(dst.len()) {
-        return Err(Error::invalid(format!(
-            "{} values cannot hold a packed {}x{} A",
-            dst.len(),
-            a.rows,
-            a.cols
-        )));
-    }
+    expect_packed_len(
+        packed_a_len(a.rows, a.cols),
+        dst.len(),
+        (a.rows, a.cols),
+        "A",
+    )?;
     let panel_len = a.cols.div_ceil(2) * MR;
-    for (i, panel) in dst.chunks_exact_mut(panel_len.max(1)).enumerate() {
-        pack_a_panel::<MR>(&a, i * MR, panel);
-    }
+    fill_panels(dst, panel_len, false, |i, panel| {
+        pack_a_panel::<MR>(&a, i * MR, panel)
+    });
     Ok(())
+}
+
+/// A zeroed buffer of `len` packed values (`None`: the size overflowed) for the `what` operand.
+fn zeroed_panels(len: Option<usize>, what: &str) -> Result<Vec<u32>> {
+    let len = len.ok_or_else(|| Error::invalid(format!("packed {what} size overflows usize")))?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(len).map_err(|e| {
+        Error::invalid(format!("cannot allocate packed {what} ({len} values): {e}"))
+    })?;
+    out.resize(len, 0);
+    Ok(out)
+}
+
+/// Checks that `len` values are exactly the `expected` size of a packed `rows x cols` `what`.
+pub(super) fn expect_packed_len(
+    expected: Option<usize>,
+    len: usize,
+    (rows, cols): (usize, usize),
+    what: &str,
+) -> Result<()> {
+    if expected == Some(len) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{len} values do not hold a packed {rows}x{cols} {what}"
+        )))
+    }
+}
+
+/// Calls `pack(index, panel)` for each `panel_len`-value panel of `dst`, on rayon's global pool
+/// when `parallel` (callers that already run in parallel pack on their own thread).
+pub(super) fn fill_panels<T: Send>(
+    dst: &mut [T],
+    panel_len: usize,
+    parallel: bool,
+    pack: impl Fn(usize, &mut [T]) + Send + Sync,
+) {
+    if panel_len == 0 {
+        return;
+    }
+    if parallel {
+        dst.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(i, panel)| pack(i, panel));
+    } else {
+        dst.chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(i, panel)| pack(i, panel));
+    }
 }
 
 impl<'a> PackedA<'a> {
@@ -141,12 +167,7 @@ impl<'a> PackedA<'a> {
     /// # Errors
     /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.
     pub fn new(panels: &'a [u32], rows: usize, cols: usize) -> Result<Self> {
-        if packed_a_len(rows, cols) != Some(panels.len()) {
-            return Err(Error::invalid(format!(
-                "{} packed values do not hold a packed {rows}x{cols} A",
-                panels.len()
-            )));
-        }
+        expect_packed_len(packed_a_len(rows, cols), panels.len(), (rows, cols), "A")?;
         Ok(Self { panels, rows, cols })
     }
 
@@ -207,12 +228,7 @@ impl<'a> PackedBBuilder<'a> {
     /// # Errors
     /// [`Error::InvalidArgument`] for any other length.
     pub fn new(panels: &'a mut [u32], rows: usize, cols: usize) -> Result<Self> {
-        if packed_len(rows, cols) != Some(panels.len()) {
-            return Err(Error::invalid(format!(
-                "{} values cannot hold a packed {rows}x{cols} matrix",
-                panels.len()
-            )));
-        }
+        expect_packed_len(packed_len(rows, cols), panels.len(), (rows, cols), "B")?;
         Ok(Self { panels, rows, cols })
     }
 
@@ -284,12 +300,7 @@ impl<'a> PackedB<'a> {
     /// # Errors
     /// [`Error::InvalidArgument`] if `panels` does not hold exactly that many values.
     pub fn new(panels: &'a [u32], rows: usize, cols: usize) -> Result<Self> {
-        if packed_len(rows, cols) != Some(panels.len()) {
-            return Err(Error::invalid(format!(
-                "{} packed values do not hold a packed {rows}x{cols} matrix",
-                panels.len()
-            )));
-        }
+        expect_packed_len(packed_len(rows, cols), panels.len(), (rows, cols), "B")?;
         Ok(Self { panels, rows, cols })
     }
 
