@@ -6,11 +6,11 @@
 //! row by row instead, so both sides stay in cache (and converts the dtype on the way when the
 //! loader asks for it).
 
-use candle_core::{DType, Device, Tensor, WithDType};
-use half::slice::HalfFloatSliceExt;
+use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::convert::Element;
 use super::storage::contiguous_values;
 use crate::loading::memory::advise_huge_pages;
 
@@ -48,41 +48,6 @@ fn transpose_typed<T: Element>(
 /// Source columns handled per band (destination rows per task).
 const BAND: usize = 32;
 
-/// A float type weights are stored or computed in.
-pub(crate) trait Element: WithDType + Default {
-    /// Widens a run of values to f32.
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// Narrows one f32 value.
-    fn narrow(value: f32) -> Self;
-}
-
-impl Element for f32 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn narrow(value: f32) -> Self {
-        value
-    }
-}
-
-impl Element for f16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(value: f32) -> Self {
-        f16::from_f32(value)
-    }
-}
-
-impl Element for bf16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
-
 /// `src` `[rows, cols]` → `[cols, rows]`, converted from `S` to `D` (through f32: exact for
 /// widening and same-type copies), one band of source columns per task: each source row segment
 /// is widened in one vectorised call and scattered into the band's destination rows.
@@ -91,7 +56,7 @@ pub(crate) fn transpose_converted<S: Element, D: Element>(
     rows: usize,
     cols: usize,
 ) -> Vec<D> {
-    let mut dst = vec![D::default(); src.len()];
+    let mut dst = D::zeroed(src.len());
     advise_huge_pages(&mut dst);
     if rows == 0 || cols == 0 {
         return dst;

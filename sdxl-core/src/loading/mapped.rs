@@ -13,12 +13,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::kernels::convert::Element;
 
 /// Where one tensor lies in its file.
 #[derive(Debug, Clone)]
@@ -177,48 +177,27 @@ fn stored_dtype(dtype: Dtype) -> Option<DType> {
 }
 
 /// A CPU tensor of `shape` in `target` from little-endian `bytes` stored as `stored`, converted
-/// in one pass for the float conversions a model load needs.
+/// in one parallel pass for the float conversions a model load needs.
 fn convert(
     bytes: &[u8],
     stored: DType,
     target: DType,
     shape: &[usize],
 ) -> candle_core::Result<Tensor> {
-    let cpu = &Device::Cpu;
     match (stored, target) {
-        (DType::F16, DType::F32) => {
-            let mut out = vec![0f32; bytes.len() / 2];
-            super::memory::advise_huge_pages(&mut out);
-            with_aligned::<f16, _>(bytes, |src| src.convert_to_f32_slice(&mut out));
-            Tensor::from_vec(out, shape, cpu)
-        }
-        (DType::BF16, DType::F32) => {
-            let mut out = vec![0f32; bytes.len() / 2];
-            super::memory::advise_huge_pages(&mut out);
-            with_aligned::<bf16, _>(bytes, |src| src.convert_to_f32_slice(&mut out));
-            Tensor::from_vec(out, shape, cpu)
-        }
-        (DType::F16, DType::BF16) => {
-            let mut out = vec![bf16::ZERO; bytes.len() / 2];
-            with_aligned::<f16, _>(bytes, |src| {
-                for (d, s) in out.iter_mut().zip(src) {
-                    *d = bf16::from_f32(s.to_f32());
-                }
-            });
-            Tensor::from_vec(out, shape, cpu)
-        }
-        (DType::F32, DType::F16) => {
-            let mut out = vec![f16::ZERO; bytes.len() / 4];
-            with_aligned::<f32, _>(bytes, |src| out.convert_from_f32_slice(src));
-            Tensor::from_vec(out, shape, cpu)
-        }
-        (DType::F32, DType::BF16) => {
-            let mut out = vec![bf16::ZERO; bytes.len() / 4];
-            with_aligned::<f32, _>(bytes, |src| out.convert_from_f32_slice(src));
-            Tensor::from_vec(out, shape, cpu)
-        }
-        _ => Tensor::from_raw_buffer(bytes, stored, shape, cpu)?.to_dtype(target),
+        (DType::F16, DType::F32) => converted::<f16, f32>(bytes, shape),
+        (DType::BF16, DType::F32) => converted::<bf16, f32>(bytes, shape),
+        (DType::F16, DType::BF16) => converted::<f16, bf16>(bytes, shape),
+        (DType::F32, DType::F16) => converted::<f32, f16>(bytes, shape),
+        (DType::F32, DType::BF16) => converted::<f32, bf16>(bytes, shape),
+        _ => Tensor::from_raw_buffer(bytes, stored, shape, &Device::Cpu)?.to_dtype(target),
     }
+}
+
+/// The `S` values in `bytes` as a CPU tensor of `D`.
+fn converted<S: Element, D: Element>(bytes: &[u8], shape: &[usize]) -> candle_core::Result<Tensor> {
+    let values = with_aligned::<S, _>(bytes, |src| crate::kernels::convert::converted::<S, D>(src));
+    Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
 /// Runs `f` on `bytes` viewed as `T` values, through an aligned copy when the mapping places

@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 use super::mapped::with_aligned;
-use crate::kernels::transpose::{transpose_converted, Element};
+use crate::kernels::convert::Element;
+use crate::kernels::transpose::transpose_converted;
 
 /// The CPU tensor `[cols, rows]` holding the transpose of the `[rows, cols]` values stored as
 /// `stored` in `bytes`, in `target`. Conversions go through f32, which is exact for widening and

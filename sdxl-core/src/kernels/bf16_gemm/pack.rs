@@ -113,14 +113,29 @@ pub fn pack_a_into(a: MatRef<'_, bf16>, dst: &mut [u32]) -> Result<()> {
 }
 
 /// A zeroed buffer of `len` packed values (`None`: the size overflowed) for the `what` operand.
+///
+/// The memory comes zeroed from the allocator (fresh pages, in huge pages where the kernel
+/// allows), so the threads that pack the panels fault it in, instead of the caller zeroing it
+/// alone first.
 fn zeroed_panels(len: Option<usize>, what: &str) -> Result<Vec<u32>> {
     let len = len.ok_or_else(|| Error::invalid(format!("packed {what} size overflows usize")))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(len).map_err(|e| {
-        Error::invalid(format!("cannot allocate packed {what} ({len} values): {e}"))
-    })?;
-    out.resize(len, 0);
-    Ok(out)
+    let layout = std::alloc::Layout::array::<u32>(len)
+        .map_err(|e| Error::invalid(format!("packed {what} ({len} values): {e}")))?;
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the layout's size is not zero.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<u32>();
+    if ptr.is_null() {
+        return Err(Error::invalid(format!(
+            "cannot allocate packed {what} ({len} values)"
+        )));
+    }
+    // SAFETY: `ptr` comes from the global allocator with the layout of `len` u32 values, all
+    // zero bits (valid u32s), and nothing else owns it.
+    let mut panels = unsafe { Vec::from_raw_parts(ptr, len, len) };
+    crate::loading::memory::advise_huge_pages(&mut panels);
+    Ok(panels)
 }
 
 /// Checks that `len` values are exactly the `expected` size of a packed `rows x cols` `what`.
