@@ -276,3 +276,70 @@ fn components_load_alone_in_any_dtype() {
         assert_eq!(model.vae().unwrap().dtype(), expected_vae, "{dtype:?}");
     }
 }
+
+/// Linear weights packed for the native bf16 GEMM straight from the memory-mapped files (through
+/// the reused conversion buffer) hold exactly the checkpoint's values rounded to bf16, whatever
+/// float type the file stores, and equal those packed from an in-memory source (the default
+/// `TensorSource::load_packed`). On a CPU without AVX512-BF16 nothing is packed.
+#[test]
+fn packed_weights_hold_the_checkpoints_values() {
+    use sdxl_core::kernels::matmul::PackedWeight;
+    use sdxl_core::loading::Weights;
+    use std::sync::Arc;
+
+    let cpu = &Device::Cpu;
+    let packs = PackedWeight::applies(DType::BF16, cpu);
+    let weights = unet_weights(&common::base_dir().join("unet"));
+    let mut linear: Vec<(String, Tensor)> = weights
+        .into_iter()
+        .filter(|(k, t)| k.ends_with(".weight") && t.rank() == 2)
+        .collect();
+    linear.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(linear.len() > 20, "{} 2-D weights", linear.len());
+    let dir = scratch("packed");
+    for stored in [DType::F32, DType::F16, DType::BF16] {
+        let map: HashMap<String, Tensor> = linear
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(stored).unwrap()))
+            .collect();
+        let file = dir.join(format!("{stored:?}.safetensors"));
+        candle_core::safetensors::save(&map, &file).unwrap();
+        let mapped = Weights::from_safetensors(&[file], DType::BF16, cpu).unwrap();
+        let in_memory = Weights::new(Arc::new(map.clone()), DType::BF16, cpu);
+        let mut worst = 0f32;
+        for (key, t) in &linear {
+            let (out_dim, in_dim) = t.dims2().unwrap();
+            let as_f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let expected = as_f32(&map[key].to_dtype(DType::BF16).unwrap());
+            for w in [&mapped, &in_memory] {
+                let packed = w.get_packed((out_dim, in_dim), key).unwrap();
+                let Some(packed) = packed else {
+                    assert!(!packs, "{key}: not packed on a CPU that packs");
+                    continue;
+                };
+                assert!(packs, "{key}: packed on a CPU without AVX512-BF16");
+                assert_eq!(packed.dims(), (out_dim, in_dim), "{key}");
+                let diff = common::max_abs_diff(&as_f32(&packed.weight().unwrap()), &expected);
+                worst = worst.max(diff);
+            }
+        }
+        println!("stored {stored:?}: worst |packed - checkpoint as bf16| = {worst}");
+        assert_eq!(worst, 0.0, "stored {stored:?}");
+        // The stored shape is checked before anything is read.
+        let (key, t) = linear
+            .iter()
+            .find(|(_, t)| {
+                let (o, i) = t.dims2().unwrap();
+                o != i
+            })
+            .unwrap();
+        let (out_dim, in_dim) = t.dims2().unwrap();
+        let r = mapped.get_packed((in_dim, out_dim), key);
+        match (packs, r) {
+            (true, Err(Error::ShapeMismatch { key: k, .. })) => assert_eq!(&k, key),
+            (false, Ok(None)) => {}
+            (_, other) => panic!("{key} read with its dims swapped: {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

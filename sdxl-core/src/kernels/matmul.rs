@@ -85,14 +85,21 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs `weight_t` `[in, out]` (the transposed weight, any strides) when the native bf16
-    /// GEMM runs it: a bf16 CPU tensor on a CPU with AVX512-BF16. `None` otherwise.
+    /// Whether [`PackedWeight::pack`] packs weights of `dtype` on `device`: bf16 on the CPU, on
+    /// a CPU with AVX512-BF16.
+    pub fn applies(dtype: DType, device: &candle_core::Device) -> bool {
+        dtype == DType::BF16 && device.is_cpu() && native_available()
+    }
+
+    /// Packs `weight_t` `[in, out]` (the transposed weight, any strides: the transposed view of
+    /// a checkpoint's `[out, in]` weight packs fastest) when the native bf16 GEMM runs it (see
+    /// [`PackedWeight::applies`]). `None` otherwise.
     ///
     /// # Errors
     /// `weight_t` not 2-D, or a tensor operation fails.
     pub fn pack(weight_t: &Tensor) -> candle_core::Result<Option<Self>> {
         let (in_features, out_features) = weight_t.dims2()?;
-        if weight_t.dtype() != DType::BF16 || !weight_t.device().is_cpu() || !native_available() {
+        if !Self::applies(weight_t.dtype(), weight_t.device()) {
             return Ok(None);
         }
         let (storage, layout) = weight_t.storage_and_layout();
@@ -114,6 +121,28 @@ impl PackedWeight {
             in_features,
             out_features,
         }))
+    }
+
+    /// Packs a checkpoint's `[out, in]` weight given as row-major values (each output row is
+    /// one line of the packed panels).
+    ///
+    /// # Errors
+    /// `weight` does not hold `out_features · in_features` values, or the packed size cannot
+    /// be allocated.
+    pub fn pack_rows(
+        weight: &[bf16],
+        out_features: usize,
+        in_features: usize,
+    ) -> candle_core::Result<Self> {
+        let b =
+            MatRef::new(weight, in_features, out_features, 1, in_features).map_err(to_candle)?;
+        let panels = pack_b(b).map_err(to_candle)?;
+        let len = panels.len();
+        Ok(Self {
+            panels: Tensor::from_vec(panels, len, &candle_core::Device::Cpu)?,
+            in_features,
+            out_features,
+        })
     }
 
     /// `(out, in)`: the weight's shape.

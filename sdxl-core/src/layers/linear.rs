@@ -37,7 +37,8 @@ impl Linear {
     /// `weight` not 2-D.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         let transposed = weight.t()?;
-        if transposed.is_contiguous() {
+        if transposed.is_contiguous() || PackedWeight::applies(weight.dtype(), weight.device()) {
+            // Packing reads each output row of `weight` as one line: no transposed copy first.
             return Self::from_transposed(transposed, bias);
         }
         Self::from_transposed(transpose_2d(&weight)?, bias)
@@ -55,6 +56,14 @@ impl Linear {
             None => StoredWeight::Transposed(weight_t.contiguous()?),
         };
         Ok(Self { weight, bias })
+    }
+
+    /// A layer from a weight already packed for the native bf16 GEMM and `bias` `[out]`.
+    pub fn from_packed(weight: PackedWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: StoredWeight::Packed(weight),
+            bias,
+        }
     }
 
     /// The weight `[out, in]`: a view of the stored tensor, or (for a packed bf16 weight) an

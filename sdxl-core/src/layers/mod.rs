@@ -15,13 +15,15 @@ use crate::loading::Weights;
 /// # Errors
 /// Missing or misshapen tensors.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, w: &Weights) -> Result<Linear> {
-    let weight_t = w.get_transposed((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(w.get(out_dim, "bias")?)
     } else {
         None
     };
-    Ok(Linear::from_transposed(weight_t, bias)?)
+    Ok(match w.get_packed((out_dim, in_dim), "weight")? {
+        Some(packed) => Linear::from_packed(packed, bias),
+        None => Linear::from_transposed(w.get_transposed((out_dim, in_dim), "weight")?, bias)?,
+    })
 }
 
 /// A 2-D convolution with a square `kernel`, `stride` and `padding`, with bias.

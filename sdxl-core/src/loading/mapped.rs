@@ -18,7 +18,8 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
-use crate::kernels::convert::Element;
+use crate::kernels::convert::{convert_slice, Element};
+use crate::kernels::matmul::PackedWeight;
 
 /// Where one tensor lies in its file.
 #[derive(Debug, Clone)]
@@ -131,6 +132,63 @@ impl MappedFile {
         .map_err(|e| invalid(e.to_string()))?;
         self.release(entry.start, entry.end - entry.start);
         Ok(tensor.to_device(device)?)
+    }
+
+    /// Reads the 2-D weight `key` `[out, in]` packed for the native bf16 GEMM, converting it
+    /// into `scratch` first (grown as needed and reused by the caller from weight to weight, so
+    /// that its pages are faulted in once per load rather than once per weight), then releases
+    /// its pages.
+    pub(crate) fn load_packed(&self, key: &str, scratch: &mut Vec<bf16>) -> Result<PackedWeight> {
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let invalid = |reason: String| Error::InvalidCheckpoint {
+            path: self.path.clone(),
+            reason: format!("tensor `{key}`: {reason}"),
+        };
+        let &[rows, cols] = entry.shape.as_slice() else {
+            return Err(invalid(format!(
+                "expected a 2-D weight, found shape {:?}",
+                entry.shape
+            )));
+        };
+        let bytes = self
+            .mmap
+            .get(entry.start..entry.end)
+            .ok_or_else(|| invalid("data lies outside the file".into()))?;
+        let stored = stored_dtype(entry.dtype)
+            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "tensor `{key}` in {}: dtype {:?} is not a float weight",
+                    self.path.display(),
+                    entry.dtype
+                ))
+            })?;
+        let len = rows
+            .checked_mul(cols)
+            .filter(|&len| Some(bytes.len()) == len.checked_mul(stored.size_in_bytes()))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{} bytes stored for a {rows}x{cols} {stored:?} tensor",
+                    bytes.len()
+                ))
+            })?;
+        if scratch.len() < len {
+            scratch.resize(len, bf16::ZERO);
+        }
+        let values = &mut scratch[..len];
+        self.prefetch(entry.start, bytes.len());
+        match stored {
+            DType::F32 => with_aligned::<f32, _>(bytes, |src| convert_slice(src, values)),
+            DType::F16 => with_aligned::<f16, _>(bytes, |src| convert_slice(src, values)),
+            _ => with_aligned::<bf16, _>(bytes, |src| convert_slice(src, values)),
+        }
+        let packed =
+            PackedWeight::pack_rows(values, rows, cols).map_err(|e| invalid(e.to_string()))?;
+        self.release(entry.start, bytes.len());
+        Ok(packed)
     }
 
     /// Maps a byte range in one call instead of one page fault per page (Linux 5.14+; older

@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
+use half::bf16;
 
 use super::mapped::MappedFile;
 use crate::error::{Error, Result};
+use crate::kernels::matmul::PackedWeight;
 
 /// Somewhere tensors can be read from by their full checkpoint key.
 ///
@@ -49,6 +51,16 @@ pub trait TensorSource: Send + Sync {
         let t = self.load_as(key, dtype, device)?;
         Ok(crate::kernels::transpose::transpose_2d(&t)?)
     }
+    /// Reads the 2-D weight `key` `[out, in]` onto `device` packed for the native bf16 GEMM
+    /// ([`PackedWeight`]), or `None` where that GEMM does not run. Memory-mapped files convert
+    /// into a buffer reused from weight to weight instead of a new tensor per weight.
+    ///
+    /// # Errors
+    /// As [`TensorSource::load`], and a tensor that is not 2-D.
+    fn load_packed(&self, key: &str, device: &Device) -> Result<Option<PackedWeight>> {
+        let weight = self.load_as(key, DType::BF16, device)?;
+        Ok(PackedWeight::pack(&weight.t()?)?)
+    }
     /// Every key the source holds, in no particular order.
     fn keys(&self) -> Vec<String>;
 }
@@ -59,6 +71,8 @@ pub struct SafetensorsFiles {
     mapped: Vec<MappedFile>,
     /// Which of `mapped` holds each key.
     routing: HashMap<String, usize>,
+    /// Where weights are converted before they are packed (grown to the largest one).
+    packing_scratch: Mutex<Vec<bf16>>,
 }
 
 impl SafetensorsFiles {
@@ -89,6 +103,7 @@ impl SafetensorsFiles {
             files: files.to_vec(),
             mapped,
             routing,
+            packing_scratch: Mutex::new(Vec::new()),
         })
     }
 
@@ -121,6 +136,18 @@ impl TensorSource for SafetensorsFiles {
 
     fn load_transposed(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         self.file_of(key)?.load(key, Some(dtype), true, device)
+    }
+
+    fn load_packed(&self, key: &str, device: &Device) -> Result<Option<PackedWeight>> {
+        if !PackedWeight::applies(DType::BF16, device) {
+            return Ok(None);
+        }
+        let file = self.file_of(key)?;
+        let mut scratch = self
+            .packing_scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.load_packed(key, &mut scratch).map(Some)
     }
 
     fn keys(&self) -> Vec<String> {
@@ -279,6 +306,20 @@ impl Weights {
             });
         }
         Ok(key)
+    }
+
+    /// Reads the 2-D weight `name`, checking that its shape is `[rows, cols]`, packed for the
+    /// native bf16 GEMM when this view's dtype and device run it (see [`PackedWeight::applies`]);
+    /// `None` otherwise.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] or [`Error::ShapeMismatch`], both naming the full key.
+    pub fn get_packed(&self, shape: (usize, usize), name: &str) -> Result<Option<PackedWeight>> {
+        if !PackedWeight::applies(self.dtype, &self.device) {
+            return Ok(None);
+        }
+        let key = self.checked_key(shape, name)?;
+        self.source.load_packed(&key, &self.device)
     }
 
     /// Reads the 2-D tensor `name`, checking that its shape is `[rows, cols]`, as its

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::matmul::PackedWeight;
 use crate::loading::{SafetensorsFiles, TensorSource};
 
 /// Key prefix of the UNet.
@@ -234,6 +235,18 @@ impl TensorSource for SgmSource {
         }
         let t = transform(self.file.load_as(&entry.stored, dtype, device)?, entry)?;
         Ok(crate::kernels::transpose::transpose_2d(&t)?)
+    }
+
+    fn load_packed(&self, key: &str, device: &Device) -> Result<Option<PackedWeight>> {
+        let entry = self.entry(key)?;
+        if matches!(entry.transform, Transform::Same) {
+            return self.file.load_packed(&entry.stored, device);
+        }
+        let weight = transform(
+            self.file.load_as(&entry.stored, DType::BF16, device)?,
+            entry,
+        )?;
+        Ok(PackedWeight::pack(&weight.t()?)?)
     }
 
     fn keys(&self) -> Vec<String> {
