@@ -99,25 +99,7 @@ impl MappedFile {
         transposed: bool,
         device: &Device,
     ) -> Result<Tensor> {
-        let entry = self
-            .entries
-            .get(key)
-            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
-        let invalid = |reason: String| Error::InvalidCheckpoint {
-            path: self.path.clone(),
-            reason: format!("tensor `{key}`: {reason}"),
-        };
-        let bytes = self
-            .mmap
-            .get(entry.start..entry.end)
-            .ok_or_else(|| invalid("data lies outside the file".into()))?;
-        let stored = stored_dtype(entry.dtype).ok_or_else(|| {
-            Error::unsupported(format!(
-                "tensor `{key}` in {}: dtype {:?} is not supported",
-                self.path.display(),
-                entry.dtype
-            ))
-        })?;
+        let (entry, bytes, stored) = self.locate(key)?;
         let target = dtype.unwrap_or(stored);
         self.prefetch(entry.start, entry.end - entry.start);
         let tensor = match (transposed, entry.shape.as_slice()) {
@@ -129,7 +111,7 @@ impl MappedFile {
                 "expected a 2-D tensor to transpose, found shape {shape:?}"
             ))),
         }
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| self.invalid(key, e))?;
         self.release(entry.start, entry.end - entry.start);
         Ok(tensor.to_device(device)?)
     }
@@ -139,41 +121,20 @@ impl MappedFile {
     /// that its pages are faulted in once per load rather than once per weight), then releases
     /// its pages.
     pub(crate) fn load_packed(&self, key: &str, scratch: &mut Vec<bf16>) -> Result<PackedWeight> {
-        let entry = self
-            .entries
-            .get(key)
-            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
-        let invalid = |reason: String| Error::InvalidCheckpoint {
-            path: self.path.clone(),
-            reason: format!("tensor `{key}`: {reason}"),
-        };
+        let (entry, bytes, stored) = self.locate(key)?;
         let &[rows, cols] = entry.shape.as_slice() else {
-            return Err(invalid(format!(
-                "expected a 2-D weight, found shape {:?}",
-                entry.shape
-            )));
+            let shape = &entry.shape;
+            return Err(self.invalid(key, format!("expected a 2-D weight, found shape {shape:?}")));
         };
-        let bytes = self
-            .mmap
-            .get(entry.start..entry.end)
-            .ok_or_else(|| invalid("data lies outside the file".into()))?;
-        let stored = stored_dtype(entry.dtype)
-            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16))
-            .ok_or_else(|| {
-                Error::unsupported(format!(
-                    "tensor `{key}` in {}: dtype {:?} is not a float weight",
-                    self.path.display(),
-                    entry.dtype
-                ))
-            })?;
         let len = rows
             .checked_mul(cols)
             .filter(|&len| Some(bytes.len()) == len.checked_mul(stored.size_in_bytes()))
             .ok_or_else(|| {
-                invalid(format!(
+                let what = format!(
                     "{} bytes stored for a {rows}x{cols} {stored:?} tensor",
                     bytes.len()
-                ))
+                );
+                self.invalid(key, what)
             })?;
         if scratch.len() < len {
             scratch.resize(len, bf16::ZERO);
@@ -183,12 +144,44 @@ impl MappedFile {
         match stored {
             DType::F32 => with_aligned::<f32, _>(bytes, |src| convert_slice(src, values)),
             DType::F16 => with_aligned::<f16, _>(bytes, |src| convert_slice(src, values)),
-            _ => with_aligned::<bf16, _>(bytes, |src| convert_slice(src, values)),
+            DType::BF16 => with_aligned::<bf16, _>(bytes, |src| convert_slice(src, values)),
+            other => {
+                let what = format!("{other:?} is not a float type a weight can be packed from");
+                return Err(self.invalid(key, what));
+            }
         }
         let packed =
-            PackedWeight::pack_rows(values, rows, cols).map_err(|e| invalid(e.to_string()))?;
+            PackedWeight::pack_rows(values, rows, cols).map_err(|e| self.invalid(key, e))?;
         self.release(entry.start, bytes.len());
         Ok(packed)
+    }
+
+    /// `key`'s entry, its bytes in the mapping and its stored dtype.
+    fn locate(&self, key: &str) -> Result<(&Entry, &[u8], DType)> {
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| Error::MissingTensor { key: key.into() })?;
+        let bytes = self
+            .mmap
+            .get(entry.start..entry.end)
+            .ok_or_else(|| self.invalid(key, "data lies outside the file"))?;
+        let stored = stored_dtype(entry.dtype).ok_or_else(|| {
+            Error::unsupported(format!(
+                "tensor `{key}` in {}: dtype {:?} is not supported",
+                self.path.display(),
+                entry.dtype
+            ))
+        })?;
+        Ok((entry, bytes, stored))
+    }
+
+    /// The error for a tensor `key` of this file that cannot be read as it claims.
+    fn invalid(&self, key: &str, reason: impl std::fmt::Display) -> Error {
+        Error::InvalidCheckpoint {
+            path: self.path.clone(),
+            reason: format!("tensor `{key}`: {reason}"),
+        }
     }
 
     /// Maps a byte range in one call instead of one page fault per page (Linux 5.14+; older
