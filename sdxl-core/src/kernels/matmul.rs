@@ -114,13 +114,7 @@ impl PackedWeight {
             candle_core::bail!("packed weight: weight must be 2-D")
         };
         let b = MatRef::new(data, in_features, out_features, rs, cs).map_err(to_candle)?;
-        let panels = pack_b(b).map_err(to_candle)?;
-        let len = panels.len();
-        Ok(Some(Self {
-            panels: Tensor::from_vec(panels, len, weight_t.device())?,
-            in_features,
-            out_features,
-        }))
+        Self::from_transposed_view(b).map(Some)
     }
 
     /// Packs a checkpoint's `[out, in]` weight given as row-major values (each output row is
@@ -136,12 +130,17 @@ impl PackedWeight {
     ) -> candle_core::Result<Self> {
         let b =
             MatRef::new(weight, in_features, out_features, 1, in_features).map_err(to_candle)?;
-        let panels = pack_b(b).map_err(to_candle)?;
+        Self::from_transposed_view(b)
+    }
+
+    /// Packs `weight_t` `[in, out]` into a CPU tensor of panels.
+    fn from_transposed_view(weight_t: MatRef<'_, bf16>) -> candle_core::Result<Self> {
+        let panels = pack_b(weight_t).map_err(to_candle)?;
         let len = panels.len();
         Ok(Self {
             panels: Tensor::from_vec(panels, len, &candle_core::Device::Cpu)?,
-            in_features,
-            out_features,
+            in_features: weight_t.rows(),
+            out_features: weight_t.cols(),
         })
     }
 

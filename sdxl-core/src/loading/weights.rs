@@ -71,7 +71,8 @@ pub struct SafetensorsFiles {
     mapped: Vec<MappedFile>,
     /// Which of `mapped` holds each key.
     routing: HashMap<String, usize>,
-    /// Where weights are converted before they are packed (grown to the largest one).
+    /// Where weights are converted before they are packed: grown to the largest one and kept
+    /// while the files are mapped (at most 26 MB for SDXL's UNet).
     packing_scratch: Mutex<Vec<bf16>>,
 }
 
