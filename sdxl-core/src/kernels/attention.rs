@@ -31,7 +31,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
-use half::{bf16, vec::HalfBitsVecExt};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedB, Rhs};
@@ -241,13 +241,8 @@ impl Shape {
 }
 
 /// An element type the kernel attends in.
-trait Element: WithDType + Default {
-    /// A zero-filled vector of `len` values (pages faulted in by the writers, not here).
-    fn zeroed(len: usize) -> Vec<Self>;
-
-    /// `x` rounded to this type.
-    fn narrow(x: f32) -> Self;
-
+/// Its zeroed buffers and rounding come from [`super::convert::Element`].
+trait Element: super::convert::Element {
     /// Packs what the products read of the keys and values once per call, with at most
     /// `threads` threads (bf16: every key block's `kᵀ` and `v`; f32 reads them in place).
     fn pack_keys(
@@ -342,14 +337,6 @@ fn fits(len: usize, rows: usize, cols: usize, row_stride: usize, col_stride: usi
 }
 
 impl Element for f32 {
-    fn zeroed(len: usize) -> Vec<Self> {
-        vec![0.0; len]
-    }
-
-    fn narrow(x: f32) -> Self {
-        x
-    }
-
     fn pack_keys(
         _: &Operand<'_, Self>,
         _: &Operand<'_, Self>,
@@ -451,14 +438,6 @@ impl Element for f32 {
 }
 
 impl Element for bf16 {
-    fn zeroed(len: usize) -> Vec<Self> {
-        vec![0u16; len].reinterpret_into::<bf16>()
-    }
-
-    fn narrow(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-
     fn pack_keys(
         k: &Operand<'_, Self>,
         v: &Operand<'_, Self>,

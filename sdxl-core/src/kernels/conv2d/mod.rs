@@ -24,7 +24,7 @@
 
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
-use half::{bf16, vec::HalfBitsVecExt};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, PackedF32A, Rhs};
@@ -314,13 +314,12 @@ fn bias_values(bias: Option<&Tensor>, c_out: usize) -> candle_core::Result<Optio
 }
 
 /// An element type the convolution multiplies in.
-trait ConvElement: WithDType + Default {
+///
+/// Outputs are allocated with [`super::convert::Element::zeroed`]: zeroed pages, which the
+/// tiles fault in on their own threads instead of the calling thread writing zeros first.
+trait ConvElement: super::convert::Element {
     /// One thread's reusable tile buffers (see [`with_scratch`]).
     type Scratch: Default;
-
-    /// `len` zeros from zeroed pages (`calloc`), which the tiles fault in on their own threads
-    /// instead of the calling thread writing zeros first.
-    fn zeroed(len: usize) -> Vec<Self>;
 
     /// This thread's tile buffers.
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>>;
@@ -451,10 +450,6 @@ struct F32Scratch {
 
 impl ConvElement for f32 {
     type Scratch = F32Scratch;
-
-    fn zeroed(len: usize) -> Vec<Self> {
-        vec![0.0; len]
-    }
 
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>> {
         &F32_SCRATCH
@@ -631,11 +626,6 @@ impl ConvElement for bf16 {
     /// bf16 kernels are packed once, by the layer ([`PackedKernel`]).
     fn panels(_: &Geometry, _: &[Self]) -> candle_core::Result<Option<Vec<f32>>> {
         Ok(None)
-    }
-
-    fn zeroed(len: usize) -> Vec<Self> {
-        // `vec![bf16::ZERO; len]` would write every zero on this thread; zero bits are bf16 0.
-        vec![0u16; len].reinterpret_into()
     }
 
     fn scratch() -> &'static std::thread::LocalKey<std::cell::RefCell<Self::Scratch>> {
