@@ -6,7 +6,9 @@
 //! past the matrix are zero.
 
 use super::mat::MatRef;
-use super::pack::{expect_packed_len, fill_panels};
+use rayon::prelude::*;
+
+use super::pack::expect_packed_len;
 use super::MR;
 use crate::error::Result;
 
@@ -30,21 +32,65 @@ pub fn packed_f32_a_len(rows: usize, cols: usize) -> Option<usize> {
 /// # Errors
 /// [`Error::InvalidArgument`](crate::error::Error::InvalidArgument) if `dst` has another length.
 pub fn pack_a_f32_into(a: MatRef<'_, f32>, dst: &mut [f32]) -> Result<()> {
-    let size = (a.rows, a.cols);
-    expect_packed_len(packed_f32_a_len(a.rows, a.cols), dst.len(), size, "f32 A")?;
-    fill_panels(dst, a.cols * MR, true, |i, panel| {
-        for r in 0..MR {
-            let row = i * MR + r;
-            for (p, slot) in panel.chunks_exact_mut(MR).enumerate() {
-                slot[r] = match row < a.rows {
-                    true => a.data.get(row * a.row_stride + p * a.col_stride),
-                    false => None,
-                }
+    pack_a_f32_rows(a.rows, a.cols, 1, dst, |row, out| {
+        for (col, o) in out.iter_mut().enumerate() {
+            *o = a
+                .data
+                .get(row * a.row_stride + col * a.col_stride)
                 .copied()
                 .unwrap_or(0.0);
-            }
         }
-    });
+    })
+}
+
+/// Packs `count` matrices of `rows x cols` (m x k), given row by row, into `dst`: `count`
+/// runs of [`packed_f32_a_len`]`(m, k)` values, one per matrix (read each back with
+/// [`PackedF32A::new`]). `fill_row(row, out)` writes row `row` of every matrix into `out`,
+/// `count` runs of `cols` values. Row panels are packed in parallel on rayon's global pool.
+/// For operands computed on the fly, such as the 16 transformed kernels of a Winograd
+/// convolution, which come from the same 3×3 taps.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::error::Error::InvalidArgument) if `dst` does not hold
+/// exactly `count` packed matrices.
+pub fn pack_a_f32_rows(
+    rows: usize,
+    cols: usize,
+    count: usize,
+    dst: &mut [f32],
+    fill_row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Result<()> {
+    let len = packed_f32_a_len(rows, cols).and_then(|len| len.checked_mul(count));
+    expect_packed_len(len, dst.len(), (rows, cols), "f32 A group")?;
+    let (panel_len, row_len) = (cols * MR, count * cols);
+    if panel_len == 0 || count == 0 {
+        return Ok(());
+    }
+    // Panel i of every matrix, gathered so that one task packs row panel i of all of them.
+    let mut panels: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(MR)).map(|_| Vec::new()).collect();
+    for matrix in dst.chunks_exact_mut(dst.len() / count) {
+        for (slots, panel) in panels.iter_mut().zip(matrix.chunks_exact_mut(panel_len)) {
+            slots.push(panel);
+        }
+    }
+    panels.par_iter_mut().enumerate().for_each_init(
+        || vec![0f32; MR * row_len],
+        |staged, (i, slots)| {
+            for (r, out) in staged.chunks_exact_mut(row_len).enumerate() {
+                match i * MR + r {
+                    row if row < rows => fill_row(row, out),
+                    _ => out.fill(0.0),
+                }
+            }
+            for (m, slot) in slots.iter_mut().enumerate() {
+                for (col, values) in slot.chunks_exact_mut(MR).enumerate() {
+                    for (r, v) in values.iter_mut().enumerate() {
+                        *v = staged[r * row_len + m * cols + col];
+                    }
+                }
+            }
+        },
+    );
     Ok(())
 }
 

@@ -37,7 +37,7 @@ mod pack;
 use half::bf16;
 use rayon::prelude::*;
 
-pub use f32_panels::{pack_a_f32_into, packed_f32_a_len, PackedF32A};
+pub use f32_panels::{pack_a_f32_into, pack_a_f32_rows, packed_f32_a_len, PackedF32A};
 pub use indexed::{IndexedB, PANEL_COLUMNS};
 pub use mat::{MatMut, MatRef};
 pub use pack::{
