@@ -278,3 +278,93 @@ fn channel_pair_order_is_a_permutation_of_k() {
     seen.sort_unstable();
     assert_eq!(seen, (0..54).collect::<Vec<_>>());
 }
+
+/// A direct convolution in f64 (padding 1, stride 1, the input upsampled by `upsample`) plus
+/// the bias, for checking the Winograd path.
+fn reference_f64(x: &Tensor, weight: &Tensor, bias: &[f32], upsample: usize) -> Vec<f64> {
+    let (b, ci, h, w) = x.dims4().unwrap();
+    let co = weight.dim(0).unwrap();
+    let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let ws: Vec<f32> = weight.flatten_all().unwrap().to_vec1().unwrap();
+    let (oh, ow) = (h * upsample, w * upsample);
+    let mut out = vec![0f64; b * co * oh * ow];
+    for n in 0..b {
+        for o in 0..co {
+            for y in 0..oh {
+                for x_ in 0..ow {
+                    let mut sum = f64::from(bias[o]);
+                    for c in 0..ci {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) =
+                                    ((y + ky).wrapping_sub(1), (x_ + kx).wrapping_sub(1));
+                                if iy >= oh || ix >= ow {
+                                    continue;
+                                }
+                                let v = xs[((n * ci + c) * h + iy / upsample) * w + ix / upsample];
+                                let k = ws[((o * ci + c) * 3 + ky) * 3 + kx];
+                                sum += f64::from(v) * f64::from(k);
+                            }
+                        }
+                    }
+                    out[((n * co + o) * oh + y) * ow + x_] = sum;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// 3×3 convolutions with stride 1 and padding 1 run through Winograd's F(2×2, 3×3) where our
+/// f32 micro-kernel runs; they match a direct convolution in f64 about as closely as the
+/// direct f32 path does. Covers odd output sizes (partial tiles), ×2 upsampling, a bias and a
+/// residual, batches, one block and several.
+#[test]
+fn winograd_matches_a_direct_convolution_in_f64() {
+    let d = &Device::Cpu;
+    for (b, ci, h, w, co, upsample) in [
+        (2, 16, 9, 7, 16, 1),
+        (1, 24, 10, 15, 32, 2),
+        (2, 32, 64, 64, 48, 1),
+        (1, 64, 5, 5, 20, 1),
+        (3, 16, 33, 17, 17, 1),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), d).unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (co, ci, 3, 3), d).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, co, d).unwrap();
+        let bias_values = bias.to_vec1::<f32>().unwrap();
+        let (cfg, prep) = (config(1, 1, 1), InputPrep::upsample(upsample));
+        let g = Geometry::new(x.dims(), weight.dims(), &cfg, prep).unwrap();
+        assert_eq!(winograd::applies(&g), bf16_gemm::f32_native_available());
+        let reference = reference_f64(&x, &weight, &bias_values, upsample);
+        let residual = Tensor::randn(0f32, 1.0, g.out_dims(), d).unwrap();
+        let residual_values: Vec<f32> = residual.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = |t: &Tensor, with_residual: bool| {
+            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            values
+                .iter()
+                .zip(&reference)
+                .zip(&residual_values)
+                .map(|((&v, &r), &res)| {
+                    let expected = r + if with_residual { f64::from(res) } else { 0.0 };
+                    (f64::from(v) - expected).abs()
+                })
+                .fold(0f64, f64::max)
+        };
+        let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep, None).unwrap();
+        let direct = conv2d_typed::<f32>(&x, &weight, Some(&bias), &cfg, prep, None).unwrap();
+        let summed = conv2d(&x, &weight, Some(&bias), &cfg, prep, Some(&residual)).unwrap();
+        let (ours, direct, summed) = (
+            worst(&ours, false),
+            worst(&direct, false),
+            worst(&summed, true),
+        );
+        println!("{g:?}: Winograd worst {ours:.2e}, + residual {summed:.2e}, direct {direct:.2e} (scale {scale:.1})");
+        let tolerance = 1e-6 * scale;
+        assert!(
+            ours <= tolerance && summed <= tolerance,
+            "{g:?}: worst {ours} / {summed}, tolerance {tolerance}"
+        );
+    }
+}
