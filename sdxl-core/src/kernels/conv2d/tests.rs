@@ -315,13 +315,41 @@ fn reference_f64(x: &Tensor, weight: &Tensor, bias: &[f32], upsample: usize) -> 
     out
 }
 
-/// 3×3 convolutions with stride 1 and padding 1 run through Winograd's F(2×2, 3×3) where our
-/// f32 micro-kernel runs; they match a direct convolution in f64 about as closely as the
-/// direct f32 path does. Covers odd output sizes (partial tiles), ×2 upsampling, a bias and a
-/// residual, batches, one block and several.
+/// Winograd's F(2×2, 3×3) matches a direct convolution in f64 about as closely as the direct
+/// f32 path does, on odd output sizes (partial tiles), ×2 upsampling, a bias and a residual,
+/// batches, one block and several. It runs where our f32 micro-kernel does, for 3×3
+/// convolutions with stride 1 and padding 1 that have enough channels and tiles.
 #[test]
 fn winograd_matches_a_direct_convolution_in_f64() {
     let d = &Device::Cpu;
+    let threads = candle_core::utils::get_num_threads().max(1);
+    if !bf16_gemm::f32_native_available() {
+        return;
+    }
+    let geometry = |x: &[usize], w: &[usize], stride| {
+        Geometry::new(x, w, &config(1, stride, 1), InputPrep::NONE).unwrap()
+    };
+    // The UNet's first level at 512 px runs it; its lowest level and stride 2 do not.
+    assert!(winograd::applies(&geometry(
+        &[2, 320, 64, 64],
+        &[320, 320, 3, 3],
+        1
+    )));
+    assert!(!winograd::applies(&geometry(
+        &[2, 1280, 16, 16],
+        &[1280, 1280, 3, 3],
+        1
+    )));
+    assert!(!winograd::applies(&geometry(
+        &[2, 320, 64, 64],
+        &[320, 320, 3, 3],
+        2
+    )));
+    assert!(!winograd::applies(&geometry(
+        &[2, 4, 64, 64],
+        &[320, 4, 3, 3],
+        1
+    )));
     for (b, ci, h, w, co, upsample) in [
         (2, 16, 9, 7, 16, 1),
         (1, 24, 10, 15, 32, 2),
@@ -335,7 +363,6 @@ fn winograd_matches_a_direct_convolution_in_f64() {
         let bias_values = bias.to_vec1::<f32>().unwrap();
         let (cfg, prep) = (config(1, 1, 1), InputPrep::upsample(upsample));
         let g = Geometry::new(x.dims(), weight.dims(), &cfg, prep).unwrap();
-        assert_eq!(winograd::applies(&g), bf16_gemm::f32_native_available());
         let reference = reference_f64(&x, &weight, &bias_values, upsample);
         let residual = Tensor::randn(0f32, 1.0, g.out_dims(), d).unwrap();
         let residual_values: Vec<f32> = residual.flatten_all().unwrap().to_vec1().unwrap();
@@ -352,15 +379,25 @@ fn winograd_matches_a_direct_convolution_in_f64() {
                 })
                 .fold(0f64, f64::max)
         };
-        let ours = conv2d(&x, &weight, Some(&bias), &cfg, prep, None).unwrap();
+        let (ws, wl) = weight.storage_and_layout();
+        let w_data = cpu_slice::<f32>(&ws, wl).unwrap();
+        let winograd = |residual| {
+            convolve_tensors(&g, &x, Some(&bias), residual, |x, post| {
+                winograd::convolve(&g, x, w_data, post, threads)
+            })
+            .unwrap()
+        };
         let direct = conv2d_typed::<f32>(&x, &weight, Some(&bias), &cfg, prep, None).unwrap();
-        let summed = conv2d(&x, &weight, Some(&bias), &cfg, prep, Some(&residual)).unwrap();
+        let (ours, summed) = (winograd(None), winograd(Some(&residual)));
         let (ours, direct, summed) = (
             worst(&ours, false),
             worst(&direct, false),
             worst(&summed, true),
         );
-        println!("{g:?}: Winograd worst {ours:.2e}, + residual {summed:.2e}, direct {direct:.2e} (scale {scale:.1})");
+        println!(
+            "{g:?}: Winograd worst {ours:.2e}, + residual {summed:.2e}, direct {direct:.2e} \
+             (scale {scale:.1})"
+        );
         let tolerance = 1e-6 * scale;
         assert!(
             ours <= tolerance && summed <= tolerance,

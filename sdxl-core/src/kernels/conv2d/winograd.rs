@@ -26,6 +26,13 @@ const POINTS: usize = 16;
 /// Fewest input and output channels for which the transforms (whose cost grows with
 /// `c_in + c_out`) are worth it against the GEMM saving (which grows with `c_in · c_out`).
 const MIN_CHANNELS: usize = 16;
+/// Fewest 2×2 output tiles (over the batch) for which the GEMMs are long enough to be worth
+/// the transformed kernel, which is 16/9 the size of the weight and is read once per block:
+/// with fewer, they wait on memory rather than compute. Measured on Zen 5 (f32, 2 threads,
+/// alternating): the refiner UNet at latent 32, whose lowest levels have 8 and 32 tiles,
+/// 3.7-4.1 s with no limit, 2.5 s from 128 tiles, 2.3-2.5 s from 512; the base UNet at
+/// latent 64 7.7-8.1 s from 512 against 7.9-8.3 s from 128 and 8.4-8.9 s from 2048.
+const MIN_TILES: usize = 512;
 /// Bytes of transformed input and products a block of tile rows aims at (they stay in the
 /// caches between the passes; on Zen 5, 4 MiB was 2–5% faster than 2 or 16 MiB for the VAE).
 const BLOCK_BYTES: usize = 4 << 20;
@@ -48,7 +55,7 @@ const G: [[f32; 3]; 4] = [
 
 /// Whether the convolution `g` runs here: a 3×3 kernel with stride 1, padding 1 and no
 /// dilation or extra padding (upsampled inputs are fine), at least [`MIN_CHANNELS`] on each
-/// side, on a CPU with our f32 micro-kernel.
+/// side and [`MIN_TILES`] output tiles, on a CPU with our f32 micro-kernel.
 pub(super) fn applies(g: &Geometry) -> bool {
     g.kernel_h == 3
         && g.kernel_w == 3
@@ -58,6 +65,7 @@ pub(super) fn applies(g: &Geometry) -> bool {
         && g.pad_after == 0
         && g.c_in >= MIN_CHANNELS
         && g.c_out >= MIN_CHANNELS
+        && g.batch * g.out_h.div_ceil(2) * g.out_w.div_ceil(2) >= MIN_TILES
         && bf16_gemm::f32_native_available()
 }
 
