@@ -3,11 +3,12 @@
 //! candle-nn's `GroupNorm` is six whole-tensor operations (mean, subtract, square, mean,
 //! divide, scale and shift), each writing a fresh tensor, and the SiLU after it is a seventh. At
 //! VAE-decoder sizes (128 channels at 512×512 pixels, 134 MB a tensor) those passes cost as much
-//! as a convolution. Here each (image, group) slice is read twice (mean, then variance, both
-//! accumulated in f64) and written once, with the affine transform and SiLU applied on the way
-//! (bf16 values are widened to f32 as they are read and rounded once as they are written, so
-//! no widened copy of the tensor is made). The output pass is vectorised (AVX-512 or AVX2 where
-//! the CPU has them, with a vectorisable `exp` for the SiLU).
+//! as a convolution. Here each (image, group) slice is read twice (mean, then variance, each
+//! summed in f32 lanes within blocks of 4096 values and across blocks in f64) and written
+//! once, with the affine transform and SiLU applied on the way (bf16 values are widened to f32
+//! as they are read and rounded once as they are written, so no widened copy of the tensor is
+//! made). All three passes are vectorised (AVX-512 or AVX2
+//! where the CPU has them, with a vectorisable `exp` for the SiLU).
 
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
@@ -85,7 +86,8 @@ fn group_norm_typed<T: Element>(
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-/// Normalises one group (`src` holds its channels one after the other, `spatial` values each).
+/// Normalises one group (`src` holds its channels one after the other, `spatial` values each),
+/// on the widest vector unit this CPU has.
 fn normalise_group<T: Element>(
     src: &[T],
     dst: &mut [T],
@@ -95,60 +97,81 @@ fn normalise_group<T: Element>(
     bias: &[f32],
     params: &GroupNormParams,
 ) {
-    let n = src.len().max(1) as f64;
-    let mean = sum_f64(src, |v| v) / n;
-    let variance = sum_f64(src, |v| (v - mean) * (v - mean)) / n;
-    let inv_std = 1.0 / (variance + params.eps).sqrt();
-    let channels = src
-        .chunks(spatial.max(1))
-        .zip(dst.chunks_mut(spatial.max(1)));
-    for (c, (src, dst)) in channels.enumerate() {
-        let channel = first_channel + c;
-        let (w, b) = (weight.get(channel), bias.get(channel));
-        let (Some(&w), Some(&b)) = (w, b) else {
-            return;
-        };
-        let scale = (f64::from(w) * inv_std) as f32;
-        let shift = (f64::from(b) - mean * f64::from(w) * inv_std) as f32;
-        affine(src, dst, scale, shift, params.silu);
-    }
-}
-
-/// `dst = src · scale + shift` (then SiLU), on the widest vector unit this CPU has.
-fn affine<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu: bool) {
+    let group = Group {
+        spatial,
+        first_channel,
+        weight,
+        bias,
+        eps: params.eps,
+        silu: params.silu,
+    };
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { affine_avx512(src, dst, scale, shift, silu) };
+            return unsafe { normalise_group_avx512(src, dst, &group) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
-            return unsafe { affine_avx2(src, dst, scale, shift, silu) };
+            return unsafe { normalise_group_avx2(src, dst, &group) };
         }
     }
-    affine_portable(src, dst, scale, shift, silu);
+    normalise_group_portable(src, dst, &group);
 }
 
-/// [`affine_portable`] compiled for AVX-512.
+/// What [`normalise_group`] needs besides the values.
+struct Group<'a> {
+    spatial: usize,
+    first_channel: usize,
+    weight: &'a [f32],
+    bias: &'a [f32],
+    eps: f64,
+    silu: bool,
+}
+
+/// [`normalise_group_portable`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn affine_avx512<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu: bool) {
-    affine_portable(src, dst, scale, shift, silu);
+fn normalise_group_avx512<T: Element>(src: &[T], dst: &mut [T], group: &Group) {
+    normalise_group_portable(src, dst, group);
 }
 
-/// [`affine_portable`] compiled for AVX2 and FMA.
+/// [`normalise_group_portable`] compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn affine_avx2<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu: bool) {
-    affine_portable(src, dst, scale, shift, silu);
+fn normalise_group_avx2<T: Element>(src: &[T], dst: &mut [T], group: &Group) {
+    normalise_group_portable(src, dst, group);
+}
+
+/// The mean, then the variance around it (two reads), then one write of the affine transform
+/// (and SiLU) per channel.
+#[inline(always)]
+fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [T], group: &Group) {
+    let n = src.len().max(1) as f64;
+    let mean = block_sum(src, |v| v) / n;
+    let centre = mean as f32;
+    let variance = block_sum(src, |v| (v - centre) * (v - centre)) / n;
+    let inv_std = 1.0 / (variance + group.eps).sqrt();
+    let channels = src
+        .chunks(group.spatial.max(1))
+        .zip(dst.chunks_mut(group.spatial.max(1)));
+    for (c, (src, dst)) in channels.enumerate() {
+        let channel = group.first_channel + c;
+        let (w, b) = (group.weight.get(channel), group.bias.get(channel));
+        let (Some(&w), Some(&b)) = (w, b) else {
+            return;
+        };
+        let scale = (f64::from(w) * inv_std) as f32;
+        let shift = (f64::from(b) - mean * f64::from(w) * inv_std) as f32;
+        affine(src, dst, scale, shift, group.silu);
+    }
 }
 
 #[inline(always)]
-fn affine_portable<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu_on: bool) {
+fn affine<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu_on: bool) {
     if silu_on {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = T::store(silu(s.load() * scale + shift));
@@ -160,21 +183,28 @@ fn affine_portable<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32,
     }
 }
 
-/// `Σ f(v)` in f64 over eight independent lanes (so the loop vectorises).
-fn sum_f64<T: Element>(values: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = values.chunks_exact(8);
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| f(f64::from(v.load())))
-        .sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(f64::from(v.load()));
+/// f32 lanes of one vector register.
+const LANES: usize = 16;
+/// Values summed in f32 lanes before the partial sums go into the f64 total: a VAE group holds
+/// up to a million values, too many for f32 sums, and f64 lanes do not vectorise as well.
+const BLOCK: usize = 4096;
+
+/// `Σ f(v)`: [`LANES`] f32 partial sums within blocks of [`BLOCK`] values, blocks summed in f64.
+#[inline(always)]
+fn block_sum<T: Element>(values: &[T], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for block in values.chunks(BLOCK) {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = block.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += f(v.load());
+            }
         }
+        let tail: f32 = chunks.remainder().iter().map(|&v| f(v.load())).sum();
+        total += f64::from(lanes.iter().sum::<f32>() + tail);
     }
-    lanes.iter().sum::<f64>() + tail
+    total
 }
 
 #[cfg(test)]
