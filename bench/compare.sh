@@ -9,7 +9,9 @@
 #
 # Bench flags are passed to both sides: --components --dtypes --refiner-dtypes --unet-sizes
 # --refiner-sizes --vae-sizes --vae-encode-px --matmul-sizes --batch --repeats --warmup
-# --threads. The `pipeline` component (whole generations: txt2img, and txt2img+refiner with
+# --threads. `--rounds N` (default 1) runs each component's pair (ours, then torch's) N times in
+# a row, so that a drift of the VM's speed falls on both sides alike; the table then takes each
+# side's median over all its samples and notes the ratio of each round. The `pipeline` component (whole generations: txt2img, and txt2img+refiner with
 # --refiner) runs ours once per --pipeline-modes entry (default `resident,low-memory`: the
 # second adds `sdxl bench --low-memory`) and torch's side with bench/torch_pipeline.py, both
 # with --pipeline-px --pipeline-steps --dtypes --repeats --warmup --threads.
@@ -34,6 +36,7 @@ OUT=""
 JOIN=""
 COMPONENTS=""
 PIPELINE_MODES=resident,low-memory
+ROUNDS=1
 COMMON=()
 PIPELINE_ARGS=()
 TORCH_PIPELINE_ARGS=()
@@ -54,6 +57,7 @@ while [ $# -gt 0 ]; do
         --join) JOIN=$value ;;
         --components) COMPONENTS=$value ;;
         --pipeline-modes) PIPELINE_MODES=$value ;;
+        --rounds) ROUNDS=$value ;;
         --pipeline-px|--pipeline-steps) PIPELINE_ARGS+=("$flag" "$value") ;;
         --dtypes|--repeats|--warmup|--threads)
             COMMON+=("$flag" "$value"); TORCH_PIPELINE_ARGS+=("$flag" "$value") ;;
@@ -89,15 +93,36 @@ join_table() {
     "$PY" - "$1" "$2" <<'PYEOF'
 import json, sys
 
+def merged(rs):
+    # Several rounds of one row: the median over all their samples, the ratio of each round
+    # kept in "rounds", the largest peaks.
+    ms = [r for r in rs if r["kind"] == "measure"]
+    if len(ms) < 2:
+        return ms[0] if ms else rs[0]
+    m = dict(ms[0])
+    times = sorted(t for r in ms for t in (r.get("times_s") or [r["median_s"]]))
+    n = len(times)
+    m["median_s"] = times[n // 2] if n % 2 else (times[n // 2 - 1] + times[n // 2]) / 2
+    m["min_s"], m["max_s"] = times[0], times[-1]
+    m["rounds"] = [r["median_s"] for r in ms]
+    if m.get("gflop"):
+        m["gflops_per_s_median"] = m["gflop"] / m["median_s"]
+    for f in ("peak_rss_gib", "process_peak_rss_gib"):
+        m[f] = max((r.get(f) for r in ms if r.get(f) is not None), default=None)
+    for f in ("own_cores", "others_cores"):
+        vals = [r[f] for r in ms if r.get(f) is not None]
+        m[f] = sum(vals) / len(vals) if vals else None
+    return m
+
 def rows(path):
-    out, machine = [], None
+    groups, machine = {}, None
     for line in open(path):
         r = json.loads(line)
         if r.get("kind") == "machine":
             machine = machine or r
         if r.get("kind") in ("measure", "error") and "op" in r:
-            out.append(((r["component"], r["op"], r["dtype"], r["shape"]), r))
-    return out, machine
+            groups.setdefault((r["component"], r["op"], r["dtype"], r["shape"]), []).append(r)
+    return [(k, merged(rs)) for k, rs in groups.items()], machine
 
 ours, m_ours = rows(sys.argv[1])
 torch_rows, m_torch = rows(sys.argv[2])
@@ -132,6 +157,9 @@ for key, o, t in pairs:
              if r and r["kind"] == "error"]
     if g_o and g_t and abs(g_o - g_t) > 0.005 * g_t:
         notes.append(f"GFLOP differ: torch {g_t:.1f}")
+    r_o, r_t = ok(o).get("rounds"), ok(t).get("rounds")
+    if r_o and r_t and len(r_o) == len(r_t):
+        notes.append("rounds " + ", ".join(f"{a / b:.2f}" for a, b in zip(r_o, r_t)))
     cores = lambda r: "-" if "own_cores" not in r else f"{fmt(r['own_cores'], 2)}/{fmt(r['others_cores'], 2)}"
     op = key[1] + (" (ours low-memory)" if (o or {}).get("low_memory") else "")
     cells = [key[0], op, key[2], key[3]] + [
@@ -177,34 +205,36 @@ ours() {
 
 IFS=, read -r -a LIST <<<"$COMPONENTS"
 for c in "${LIST[@]}"; do
-    if [ "$c" = pipeline ]; then
-        IFS=, read -r -a MODES <<<"$PIPELINE_MODES"
-        for mode in "${MODES[@]}"; do
+    for _ in $(seq "$ROUNDS"); do
+        if [ "$c" = pipeline ]; then
+            IFS=, read -r -a MODES <<<"$PIPELINE_MODES"
+            for mode in "${MODES[@]}"; do
+                wait_quiet
+                echo "== pipeline: ours ($mode)" >&2
+                case $mode in
+                    resident) ours pipeline ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} ;;
+                    low-memory) ours pipeline ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} --low-memory ;;
+                    *) echo "compare.sh: --pipeline-modes takes resident and low-memory, not $mode" >&2; exit 2 ;;
+                esac
+            done
             wait_quiet
-            echo "== pipeline: ours ($mode)" >&2
-            case $mode in
-                resident) ours pipeline ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} ;;
-                low-memory) ours pipeline ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} --low-memory ;;
-                *) echo "compare.sh: --pipeline-modes takes resident and low-memory, not $mode" >&2; exit 2 ;;
-            esac
-        done
+            echo "== pipeline: torch" >&2
+            "$PY" bench/torch_pipeline.py "${MODEL_FLAGS[@]}" ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} \
+                ${TORCH_PIPELINE_ARGS[@]+"${TORCH_PIPELINE_ARGS[@]}"} \
+                | grep '^{' | tee -a "$TORCH_JSONL" \
+                || echo '{"kind": "error", "component": "pipeline", "error": "torch_pipeline.py exited with an error"}' >>"$TORCH_JSONL"
+            continue
+        fi
         wait_quiet
-        echo "== pipeline: torch" >&2
-        "$PY" bench/torch_pipeline.py "${MODEL_FLAGS[@]}" ${PIPELINE_ARGS[@]+"${PIPELINE_ARGS[@]}"} \
-            ${TORCH_PIPELINE_ARGS[@]+"${TORCH_PIPELINE_ARGS[@]}"} \
+        echo "== $c: ours" >&2
+        ours "$c"
+        wait_quiet
+        echo "== $c: torch" >&2
+        # shellcheck disable=SC2086  # TORCH_ARGS is a list of flags
+        "$PY" "$TORCH_BASELINE" --components "$c" ${COMMON[@]+"${COMMON[@]}"} ${TORCH_ARGS:-} \
             | grep '^{' | tee -a "$TORCH_JSONL" \
-            || echo '{"kind": "error", "component": "pipeline", "error": "torch_pipeline.py exited with an error"}' >>"$TORCH_JSONL"
-        continue
-    fi
-    wait_quiet
-    echo "== $c: ours" >&2
-    ours "$c"
-    wait_quiet
-    echo "== $c: torch" >&2
-    # shellcheck disable=SC2086  # TORCH_ARGS is a list of flags
-    "$PY" "$TORCH_BASELINE" --components "$c" ${COMMON[@]+"${COMMON[@]}"} ${TORCH_ARGS:-} \
-        | grep '^{' | tee -a "$TORCH_JSONL" \
-        || echo "{\"kind\": \"error\", \"component\": \"$c\", \"error\": \"torch_baseline.py exited with an error\"}" >>"$TORCH_JSONL"
+            || echo "{\"kind\": \"error\", \"component\": \"$c\", \"error\": \"torch_baseline.py exited with an error\"}" >>"$TORCH_JSONL"
+    done
 done
 
 join_table "$OURS_JSONL" "$TORCH_JSONL"
