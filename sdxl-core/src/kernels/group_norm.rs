@@ -7,14 +7,14 @@
 //! summed in f32 lanes within blocks of 4096 values and across blocks in f64) and written
 //! once, with the affine transform and SiLU applied on the way (bf16 values are widened to f32
 //! as they are read and rounded once as they are written, so no widened copy of the tensor is
-//! made). All three passes are vectorised (AVX-512 or AVX2
-//! where the CPU has them, with a vectorisable `exp` for the SiLU).
+//! made). All three passes are vectorised (AVX-512 or AVX2 where the CPU has them, with a
+//! vectorisable `exp` for the SiLU).
 
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::math::{silu, Element};
+use super::math::{lane_sum, silu, Element};
 use super::storage::contiguous_values;
 
 /// Whether [`group_norm`] handles `x`: an f32 or bf16 tensor on the CPU with at least 3
@@ -183,28 +183,18 @@ fn affine<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu_on:
     }
 }
 
-/// f32 lanes of one vector register.
-const LANES: usize = 16;
-/// Values summed in f32 lanes before the partial sums go into the f64 total: a VAE group holds
-/// up to a million values, too many for f32 sums, and f64 lanes do not vectorise as well.
+/// Values summed in f32 lanes ([`lane_sum`]) before the partial sums go into the f64 total: a
+/// VAE group holds up to a million values, too many for f32 sums, and f64 lanes do not
+/// vectorise as well.
 const BLOCK: usize = 4096;
 
-/// `Σ f(v)`: [`LANES`] f32 partial sums within blocks of [`BLOCK`] values, blocks summed in f64.
+/// `Σ f(v)`: f32 lane sums within blocks of [`BLOCK`] values, blocks summed in f64.
 #[inline(always)]
 fn block_sum<T: Element>(values: &[T], f: impl Fn(f32) -> f32) -> f64 {
-    let mut total = 0f64;
-    for block in values.chunks(BLOCK) {
-        let mut lanes = [0f32; LANES];
-        let mut chunks = block.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (lane, &v) in lanes.iter_mut().zip(chunk) {
-                *lane += f(v.load());
-            }
-        }
-        let tail: f32 = chunks.remainder().iter().map(|&v| f(v.load())).sum();
-        total += f64::from(lanes.iter().sum::<f32>() + tail);
-    }
-    total
+    values
+        .chunks(BLOCK)
+        .map(|block| f64::from(lane_sum(block, &f)))
+        .sum()
 }
 
 #[cfg(test)]

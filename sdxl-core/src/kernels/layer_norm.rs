@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::math::Element;
+use super::math::{lane_sum, Element};
 use super::storage::contiguous_values;
 
 /// Whether [`layer_norm`] handles `x`: an f32 or bf16 CPU tensor with at least one dimension.
@@ -120,9 +120,6 @@ fn normalise_rows_avx2<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
     normalise_rows_portable(src, dst, affine);
 }
 
-/// Partial sums per row: one AVX-512 register of f32.
-const LANES: usize = 16;
-
 /// The work of [`normalise_rows`], in loops the compiler vectorises.
 #[inline(always)]
 fn normalise_rows_portable<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
@@ -140,20 +137,6 @@ fn normalise_rows_portable<T: Element>(src: &[T], dst: &mut [T], affine: &Affine
             *d = T::store((v.load() - mean) * inv_std * w + b);
         }
     }
-}
-
-/// `Σ f(row[j])` accumulated in [`LANES`] partial sums.
-#[inline(always)]
-fn lane_sum<T: Element>(row: &[T], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += f(v.load());
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().map(|&v| f(v.load())).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -4,6 +4,24 @@
 
 use half::bf16;
 
+/// Partial sums of [`lane_sum`]: one AVX-512 register of f32.
+pub(crate) const LANES: usize = 16;
+
+/// `Σ f(v)` over `values`, accumulated in [`LANES`] f32 partial sums (a loop the compiler
+/// vectorises; inlined so that it is compiled for the caller's target features).
+#[inline(always)]
+pub(crate) fn lane_sum<T: Element>(values: &[T], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += f(v.load());
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v.load())).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Element types the kernel reads and writes.
 pub(crate) trait Element: candle_core::WithDType + Copy + Send + Sync {
     /// Widens to f32.
