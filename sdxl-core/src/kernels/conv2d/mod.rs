@@ -357,7 +357,7 @@ trait ConvElement: super::convert::Element {
     ) -> candle_core::Result<()>;
 
     /// The plain weight `w` packed for this call into f32 panels (taken from this thread's
-    /// cache; see [`keep_panels`]), where slab tiles will read through our f32 micro-kernel;
+    /// cache; see [`keep_buffer`]), where slab tiles will read through our f32 micro-kernel;
     /// `None` otherwise.
     ///
     /// # Errors
@@ -757,12 +757,15 @@ thread_local! {
         };
 }
 
-/// Runs `f` with this thread's tile buffers, or with fresh ones when they are in use (a thread
-/// waiting inside a multi-threaded GEMM may pick up another tile).
-fn with_scratch<T: ConvElement, R>(f: impl FnOnce(&mut T::Scratch) -> R) -> R {
-    T::scratch().with(|cell| match cell.try_borrow_mut() {
+/// Runs `f` with this thread's buffers in `key`, or with fresh ones when they are in use (a
+/// thread waiting inside a multi-threaded GEMM may pick up another tile).
+fn with_scratch<S: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<S>>,
+    f: impl FnOnce(&mut S) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => f(&mut scratch),
-        Err(_) => f(&mut T::Scratch::default()),
+        Err(_) => f(&mut S::default()),
     })
 }
 
@@ -946,14 +949,19 @@ fn conv2d_typed<T: ConvElement>(
             convolve(&geometry, x, w, post, true)
         })
     });
-    keep_panels(panels);
+    keep_buffer(&F32_PANELS, panels, KEEP_PANEL_BYTES);
     out
 }
 
-/// Keeps a call's f32 panels for the next call on this thread, unless they are large.
-fn keep_panels(panels: Vec<f32>) {
-    if panels.capacity() * std::mem::size_of::<f32>() <= KEEP_PANEL_BYTES {
-        F32_PANELS.set(panels);
+/// Keeps `buffer` in `key` for the next call on this thread, unless it holds more than
+/// `max_bytes`.
+fn keep_buffer(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+    buffer: Vec<f32>,
+    max_bytes: usize,
+) {
+    if buffer.capacity() * std::mem::size_of::<f32>() <= max_bytes {
+        key.set(buffer);
     }
 }
 
@@ -1011,7 +1019,9 @@ fn convolve<T: ConvElement>(
     let gemm_threads = if tiles.len() < threads { threads } else { 1 };
     let out_ptr = OutPtr(out.as_mut_ptr());
     let run_tile = |&tile: &TileRows| -> candle_core::Result<()> {
-        with_scratch::<T, _>(|scratch| T::tile(g, x, w, post, tile, scratch, out_ptr, gemm_threads))
+        with_scratch(T::scratch(), |scratch| {
+            T::tile(g, x, w, post, tile, scratch, out_ptr, gemm_threads)
+        })
     };
     match tiles.as_slice() {
         [tile] => run_tile(tile)?,

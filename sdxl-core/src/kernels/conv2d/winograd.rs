@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::super::bf16_gemm::{self, Bias, IndexedB, MatMut, PackedF32A, PANEL_COLUMNS};
 use super::super::convert::Element;
-use super::{prefix, to_candle, Epilogue, Geometry, OutPtr};
+use super::{keep_buffer, prefix, to_candle, with_scratch, Epilogue, Geometry, OutPtr};
 
 /// Points of the 4×4 transform: one GEMM each.
 const POINTS: usize = 16;
@@ -95,7 +95,7 @@ pub(super) fn convolve(
         let plan = Plan::new(g, threads);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let run = |block: &std::ops::Range<usize>| {
-            with_scratch(|scratch| {
+            with_scratch(&SCRATCH, |scratch| {
                 plan.run_block(g, x, &kernels, post, block.clone(), scratch, out_ptr)
             })
         };
@@ -105,9 +105,7 @@ pub(super) fn convolve(
         }
         Ok(out)
     });
-    if kernel.capacity() * std::mem::size_of::<f32>() <= KEEP_KERNEL_BYTES {
-        KERNEL.set(kernel);
-    }
+    keep_buffer(&KERNEL, kernel, KEEP_KERNEL_BYTES);
     result
 }
 
@@ -476,12 +474,4 @@ thread_local! {
     static KERNEL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     /// A thread's block buffers, kept between convolutions.
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-/// Runs `f` with this thread's block buffers, or with fresh ones when they are in use.
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => f(&mut scratch),
-        Err(_) => f(&mut Scratch::default()),
-    })
 }
