@@ -9,12 +9,14 @@
 //! (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7, with a polynomial `exp`), compiled
 //! for AVX-512 or AVX2 when the CPU has them. bf16 values are computed in f32 and rounded once.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::math::{self, Element};
-use super::storage::contiguous_values;
+use super::storage::{assume_written, contiguous_values, unwritten};
 
 /// Whether the kernels handle `x`: a CPU tensor in f32 or bf16 ([`geglu`] also needs an even
 /// last dimension).
@@ -94,14 +96,14 @@ fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
     let (storage, layout) = x.storage_and_layout();
     let input = contiguous_values::<T>(&storage, layout, "activation kernel")?;
     let out = if width == 0 {
-        let mut out = vec![T::store(0.0); input.len()];
+        let mut out = unwritten::<T>(input.len());
         out.par_chunks_mut(VALUES_PER_TASK)
             .zip(input.par_chunks(VALUES_PER_TASK))
             .for_each(|(dst, src)| map_block(src, src, dst, f));
         out
     } else {
         let inner = width / 2;
-        let mut out = vec![T::store(0.0); input.len() / 2];
+        let mut out = unwritten::<T>(input.len() / 2);
         if let Some(rows_per_task) = VALUES_PER_TASK.checked_div(inner) {
             let rows_per_task = rows_per_task.max(1);
             out.par_chunks_mut(rows_per_task * inner)
@@ -116,11 +118,21 @@ fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
         out
     };
     drop(storage);
+    // SAFETY: element-wise, `out`'s chunks pair one to one with the input's (same lengths);
+    // row-wise, the input is whole rows of the even `width` (the last dimension), `out` half
+    // as long, and chunks of whole rows pair up, each output row of `inner` values written
+    // from one input row. `map_block` writes all of `out` from equally long `a` and `b`.
+    let out = unsafe { assume_written(out) };
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
 /// `out[j] = f(a[j], b[j])` on the widest vector unit this CPU has.
-fn map_block<T: Element, F: Fn(f32, f32) -> f32 + Copy>(a: &[T], b: &[T], out: &mut [T], f: F) {
+fn map_block<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
+    a: &[T],
+    b: &[T],
+    out: &mut [MaybeUninit<T>],
+    f: F,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
@@ -144,7 +156,7 @@ fn map_block<T: Element, F: Fn(f32, f32) -> f32 + Copy>(a: &[T], b: &[T], out: &
 fn map_block_avx512<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
     a: &[T],
     b: &[T],
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     f: F,
 ) {
     map_block_portable(a, b, out, f);
@@ -156,7 +168,7 @@ fn map_block_avx512<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
 fn map_block_avx2<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
     a: &[T],
     b: &[T],
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     f: F,
 ) {
     map_block_portable(a, b, out, f);
@@ -169,11 +181,11 @@ fn map_block_avx2<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
 fn map_block_portable<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
     a: &[T],
     b: &[T],
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     f: F,
 ) {
     for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *d = T::store(f(x.load(), y.load()));
+        d.write(T::store(f(x.load(), y.load())));
     }
 }
 

@@ -10,12 +10,14 @@
 //! made). All three passes are vectorised (AVX-512 or AVX2 where the CPU has them, with a
 //! vectorisable `exp` for the SiLU).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::math::{lane_sum, silu, Element};
-use super::storage::contiguous_values;
+use super::storage::{assume_written, contiguous_values, unwritten};
 
 /// Whether [`group_norm`] handles `x`: an f32 or bf16 tensor on the CPU with at least 3
 /// dimensions.
@@ -74,7 +76,7 @@ fn group_norm_typed<T: Element>(
     let (storage, layout) = values.storage_and_layout();
     let input = contiguous_values::<T>(&storage, layout, "group norm")?;
     let group_len = spatial * (channels / groups);
-    let mut out = vec![T::store(0.0); input.len()];
+    let mut out = unwritten::<T>(input.len());
     out.par_chunks_mut(group_len.max(1))
         .zip(input.par_chunks(group_len.max(1)))
         .enumerate()
@@ -83,6 +85,9 @@ fn group_norm_typed<T: Element>(
             normalise_group(src, dst, spatial, first_channel, &weight, &bias, params);
         });
     drop(storage);
+    // SAFETY: the chunks of `out` and `input` pair up one to one (same lengths), and
+    // `normalise_group` writes every value of its chunk.
+    let out = unsafe { assume_written(out) };
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
@@ -90,7 +95,7 @@ fn group_norm_typed<T: Element>(
 /// on the widest vector unit this CPU has.
 fn normalise_group<T: Element>(
     src: &[T],
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
     spatial: usize,
     first_channel: usize,
     weight: &[f32],
@@ -135,21 +140,21 @@ struct Group<'a> {
 /// [`normalise_group_portable`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn normalise_group_avx512<T: Element>(src: &[T], dst: &mut [T], group: &Group) {
+fn normalise_group_avx512<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
     normalise_group_portable(src, dst, group);
 }
 
 /// [`normalise_group_portable`] compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn normalise_group_avx2<T: Element>(src: &[T], dst: &mut [T], group: &Group) {
+fn normalise_group_avx2<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
     normalise_group_portable(src, dst, group);
 }
 
 /// The mean, then the variance around it (two reads), then one write of the affine transform
-/// (and SiLU) per channel.
+/// (and SiLU) per channel: every value of `dst` (as long as `src`) is written.
 #[inline(always)]
-fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [T], group: &Group) {
+fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
     let n = src.len().max(1) as f64;
     let mean = block_sum(src, |v| v) / n;
     let centre = mean as f32;
@@ -160,10 +165,9 @@ fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [T], group: &Group)
         .zip(dst.chunks_mut(group.spatial.max(1)));
     for (c, (src, dst)) in channels.enumerate() {
         let channel = group.first_channel + c;
-        let (w, b) = (group.weight.get(channel), group.bias.get(channel));
-        let (Some(&w), Some(&b)) = (w, b) else {
-            return;
-        };
+        // `group_norm_typed` checked that every channel has a weight and a bias.
+        let w = group.weight.get(channel).copied().unwrap_or(0.0);
+        let b = group.bias.get(channel).copied().unwrap_or(0.0);
         let scale = (f64::from(w) * inv_std) as f32;
         let shift = (f64::from(b) - mean * f64::from(w) * inv_std) as f32;
         affine(src, dst, scale, shift, group.silu);
@@ -171,14 +175,20 @@ fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [T], group: &Group)
 }
 
 #[inline(always)]
-fn affine<T: Element>(src: &[T], dst: &mut [T], scale: f32, shift: f32, silu_on: bool) {
+fn affine<T: Element>(
+    src: &[T],
+    dst: &mut [MaybeUninit<T>],
+    scale: f32,
+    shift: f32,
+    silu_on: bool,
+) {
     if silu_on {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = T::store(silu(s.load() * scale + shift));
+            d.write(T::store(silu(s.load() * scale + shift)));
         }
     } else {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = T::store(s.load() * scale + shift);
+            d.write(T::store(s.load() * scale + shift));
         }
     }
 }

@@ -8,12 +8,14 @@
 //! bf16 values are widened as they are read and rounded once as they are written. Rows are
 //! split across rayon's threads.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::math::{lane_sum, Element};
-use super::storage::contiguous_values;
+use super::storage::{assume_written, contiguous_values, unwritten};
 
 /// Whether [`layer_norm`] handles `x`: an f32 or bf16 CPU tensor with at least one dimension.
 pub fn supports(x: &Tensor) -> bool {
@@ -75,7 +77,7 @@ fn layer_norm_typed<T: Element>(x: &Tensor, affine: &Affine) -> candle_core::Res
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let input = contiguous_values::<T>(&storage, layout, "layer norm kernel")?;
-    let mut out = vec![T::store(0.0); input.len()];
+    let mut out = unwritten::<T>(input.len());
     if let Some(rows) = VALUES_PER_TASK.checked_div(width) {
         let rows_per_task = rows.max(1) * width;
         out.par_chunks_mut(rows_per_task)
@@ -83,12 +85,16 @@ fn layer_norm_typed<T: Element>(x: &Tensor, affine: &Affine) -> candle_core::Res
             .for_each(|(dst, src)| normalise_rows(src, dst, affine));
     }
     drop(storage);
+    // SAFETY: `width` is the last dimension, so the input (as long as `out`) is whole rows, and
+    // its chunks are whole rows paired one to one with `out`'s, each written in full by
+    // `normalise_rows`; with `width == 0` there are no values at all.
+    let out = unsafe { assume_written(out) };
     Tensor::from_vec(out, x.dims(), &Device::Cpu)
 }
 
 /// Normalises every row of `src` (rows of `affine.weight.len()` values) into `dst`, on the
 /// widest vector unit this CPU has.
-fn normalise_rows<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
+fn normalise_rows<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], affine: &Affine) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
@@ -109,20 +115,20 @@ fn normalise_rows<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
 /// [`normalise_rows_portable`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn normalise_rows_avx512<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
+fn normalise_rows_avx512<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], affine: &Affine) {
     normalise_rows_portable(src, dst, affine);
 }
 
 /// [`normalise_rows_portable`] compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn normalise_rows_avx2<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
+fn normalise_rows_avx2<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], affine: &Affine) {
     normalise_rows_portable(src, dst, affine);
 }
 
 /// The work of [`normalise_rows`], in loops the compiler vectorises.
 #[inline(always)]
-fn normalise_rows_portable<T: Element>(src: &[T], dst: &mut [T], affine: &Affine) {
+fn normalise_rows_portable<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], affine: &Affine) {
     let width = affine.weight.len();
     let n = width as f32;
     for (row, out) in src.chunks_exact(width).zip(dst.chunks_exact_mut(width)) {
@@ -134,7 +140,7 @@ fn normalise_rows_portable<T: Element>(src: &[T], dst: &mut [T], affine: &Affine
             .zip(row)
             .zip(affine.weight.iter().zip(&affine.bias))
         {
-            *d = T::store((v.load() - mean) * inv_std * w + b);
+            d.write(T::store((v.load() - mean) * inv_std * w + b));
         }
     }
 }

@@ -14,3 +14,5 @@ pub mod matmul;
 mod parallel;
 mod storage;
 pub mod transpose;
+#[cfg(test)]
+mod written_outputs;

@@ -170,7 +170,9 @@ impl<'a, T> MatMut<'a, T> {
     ///
     /// # Safety
     /// Every element of the view must lie in one allocation, be valid for writes of `T` for
-    /// `'a`, and be neither read nor written through anything else while the view lives.
+    /// `'a`, and be neither read nor written through anything else while the view lives. The
+    /// elements may be uninitialised when the view is only written (a GEMM that does not
+    /// accumulate); anything that reads them needs them initialised.
     pub unsafe fn from_raw_parts(
         ptr: *mut T,
         rows: usize,
@@ -235,6 +237,19 @@ impl<'a, T> MatMut<'a, T> {
         // view and borrowed exclusively through `self` (guaranteed by the constructors).
         Some(unsafe {
             std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_stride), self.cols)
+        })
+    }
+
+    /// Row `i` as a slice to write, for views with unit column stride whose elements may be
+    /// uninitialised (`None` as for [`MatMut::row_mut`]).
+    pub fn row_to_write(&mut self, i: usize) -> Option<&mut [std::mem::MaybeUninit<T>]> {
+        if i >= self.rows || (self.cols > 1 && self.col_stride != 1) {
+            return None;
+        }
+        // SAFETY: as in `row_mut`; `MaybeUninit<T>` has `T`'s layout and asks nothing of the
+        // values.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(i * self.row_stride).cast(), self.cols)
         })
     }
 }

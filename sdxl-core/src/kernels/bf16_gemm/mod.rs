@@ -34,6 +34,8 @@ mod mat;
 mod microkernel;
 mod pack;
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -87,25 +89,48 @@ mod sealed {
 /// Element types the GEMM can write: `f32`, or `bf16` rounded to nearest-even (as `half` and
 /// candle round).
 pub trait GemmOutput: sealed::Sealed + Copy + Send + Sync + 'static {
-    /// The value to store given the old value, the f32 product sum and the accumulate flag.
-    fn combine(old: Self, acc: f32, accumulate: bool) -> Self;
+    /// The value to store for the f32 product sum `acc`.
+    fn store(acc: f32) -> Self;
+    /// The value to store when `acc` is added onto `old` (one rounding).
+    fn add(old: Self, acc: f32) -> Self;
+
+    /// Stores `acc` at `dst`, added onto the value there with `accumulate` (which is read only
+    /// then: without it, `dst` may be uninitialised memory).
+    ///
+    /// # Safety
+    /// `dst` is valid for writes, and for reads of an initialised value with `accumulate`.
+    #[inline(always)]
+    unsafe fn put(dst: *mut Self, acc: f32, accumulate: bool) {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            if accumulate {
+                dst.write(Self::add(dst.read(), acc));
+            } else {
+                dst.write(Self::store(acc));
+            }
+        }
+    }
 }
 
 impl GemmOutput for f32 {
     #[inline(always)]
-    fn combine(old: Self, acc: f32, accumulate: bool) -> Self {
-        if accumulate {
-            old + acc
-        } else {
-            acc
-        }
+    fn store(acc: f32) -> Self {
+        acc
+    }
+    #[inline(always)]
+    fn add(old: Self, acc: f32) -> Self {
+        old + acc
     }
 }
 
 impl GemmOutput for bf16 {
     #[inline(always)]
-    fn combine(old: Self, acc: f32, accumulate: bool) -> Self {
-        round_bf16(if accumulate { old.to_f32() + acc } else { acc })
+    fn store(acc: f32) -> Self {
+        round_bf16(acc)
+    }
+    #[inline(always)]
+    fn add(old: Self, acc: f32) -> Self {
+        round_bf16(old.to_f32() + acc)
     }
 }
 
@@ -230,8 +255,9 @@ pub enum Bias<'a> {
 /// pool (`threads <= 1` runs on the calling thread).
 ///
 /// Any strides are accepted for A and B (a transposed weight is read in place). With bf16
-/// output and `accumulate`, the old value is widened, added in f32 and rounded once. Results do
-/// not depend on `threads`.
+/// output and `accumulate`, the old value is widened, added in f32 and rounded once. Without
+/// `accumulate`, C is only written, never read (a view made with [`MatMut::from_raw_parts`] may
+/// then be uninitialised memory). Results do not depend on `threads`.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] if the shapes disagree (`A.cols != B.rows`, C not `m x n`) or a
@@ -502,9 +528,12 @@ fn gemm_with<O: GemmOutput>(
                 // SAFETY: (i, j) is inside the view, whose elements `MatMut`'s constructors
                 // guarantee to be valid and exclusively borrowed.
                 unsafe {
-                    let x = c.ptr.add(i * c.row_stride + j * c.col_stride);
-                    *x = O::combine(*x, bias.at(i, j), accumulate);
-                }
+                    O::put(
+                        c.ptr.add(i * c.row_stride + j * c.col_stride),
+                        bias.at(i, j),
+                        accumulate,
+                    )
+                };
             }
         }
         return Ok(());
@@ -730,28 +759,58 @@ fn write_block_body<O: GemmOutput>(block: &BlockWrite<'_, O>) {
             Bias::Cols(v) => v.get(c0..c0 + srow.len()).unwrap_or(&[]),
             _ => &[],
         };
-        if out.col_stride == 1 {
-            // SAFETY: `row < rows` and `c0 + cols <= n`, so the row segment lies inside C's
-            // slice (checked by `MatMut::new`); no other task writes these elements.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(base), srow.len()) };
-            if col_bias.len() == srow.len() {
-                for ((d, &s), &bj) in dst.iter_mut().zip(srow).zip(col_bias) {
-                    *d = O::combine(*d, s + bj, accumulate);
-                }
-            } else {
-                for (d, &s) in dst.iter_mut().zip(srow) {
-                    *d = O::combine(*d, s + row_bias, accumulate);
-                }
-            }
+        // SAFETY: `row < rows` and `c0 + cols <= n`, so the row segment lies inside C's
+        // slice (checked by `MatMut::new`); no other task writes these elements.
+        let at = unsafe { out.ptr.add(base) };
+        if out.col_stride == 1 && accumulate {
+            // SAFETY: the segment as above; with `accumulate`, C's elements hold values.
+            let dst = unsafe { std::slice::from_raw_parts_mut(at, srow.len()) };
+            add_row(dst, srow, col_bias, row_bias);
+        } else if out.col_stride == 1 {
+            // SAFETY: the segment as above, only written.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(at.cast::<MaybeUninit<O>>(), srow.len()) };
+            store_row(dst, srow, col_bias, row_bias);
         } else {
             for (j, &s) in srow.iter().enumerate() {
                 let add = col_bias.get(j).copied().unwrap_or(row_bias);
                 // SAFETY: as above, element `(row, c0 + j)` with `c0 + j < n`.
-                unsafe {
-                    let d = out.ptr.add(base + j * out.col_stride);
-                    *d = O::combine(*d, s + add, accumulate);
-                }
+                unsafe { O::put(at.add(j * out.col_stride), s + add, accumulate) };
             }
+        }
+    }
+}
+
+/// `dst[j] = src[j] + bias`, with the column's bias where `col_bias` has one per column, else
+/// `row_bias`.
+#[inline(always)]
+fn store_row<O: GemmOutput>(
+    dst: &mut [MaybeUninit<O>],
+    src: &[f32],
+    col_bias: &[f32],
+    row_bias: f32,
+) {
+    if col_bias.len() == src.len() {
+        for ((d, &s), &b) in dst.iter_mut().zip(src).zip(col_bias) {
+            d.write(O::store(s + b));
+        }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            d.write(O::store(s + row_bias));
+        }
+    }
+}
+
+/// `dst[j] += src[j] + bias`, the bias as in [`store_row`].
+#[inline(always)]
+fn add_row<O: GemmOutput>(dst: &mut [O], src: &[f32], col_bias: &[f32], row_bias: f32) {
+    if col_bias.len() == src.len() {
+        for ((d, &s), &b) in dst.iter_mut().zip(src).zip(col_bias) {
+            *d = O::add(*d, s + b);
+        }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = O::add(*d, s + row_bias);
         }
     }
 }

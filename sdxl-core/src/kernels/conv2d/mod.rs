@@ -26,13 +26,15 @@
 //! upsampling, extra bottom/right padding) is applied while the columns are gathered, and a
 //! residual tensor is loaded into each tile's output block for the GEMM to accumulate onto.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
 use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Bias, Lhs, MatMut, MatRef, PackedA, PackedBBuilder, PackedF32A, Rhs};
-use super::storage::contiguous_values;
+use super::storage::{assume_written, contiguous_values, unwritten};
 use paired::KOrder;
 use slab::Slab;
 
@@ -334,8 +336,8 @@ fn bias_values(bias: Option<&Tensor>, c_out: usize) -> candle_core::Result<Optio
 
 /// An element type the convolution multiplies in.
 ///
-/// Outputs are allocated with [`super::convert::Element::zeroed`]: zeroed pages, which the
-/// tiles fault in on their own threads instead of the calling thread writing zeros first.
+/// A 1×1 convolution's output is allocated with [`super::convert::Element::zeroed`]; the
+/// others are left unwritten ([`written_output`]) until the tiles store their products.
 trait ConvElement: super::convert::Element {
     /// One thread's reusable tile buffers (see [`with_scratch`]).
     type Scratch: Default;
@@ -579,12 +581,14 @@ fn gemm_f32(
     }
     if let Some(bias) = bias {
         for (i, &value) in bias.iter().enumerate().take(m) {
-            if let Some(row) = dst.row_mut(i) {
-                if accumulate {
+            if accumulate {
+                if let Some(row) = dst.row_mut(i) {
                     row.iter_mut().for_each(|d| *d += value);
-                } else {
-                    row.fill(value);
                 }
+            } else if let Some(row) = dst.row_to_write(i) {
+                row.iter_mut().for_each(|d| {
+                    d.write(value);
+                });
             }
         }
     }
@@ -1013,21 +1017,42 @@ fn convolve<T: ConvElement>(
         return Ok(out);
     }
 
-    let mut out = T::zeroed(g.batch * image_out);
     let direct = allow_direct && slab::direct_applies(g, w.reads_slabs());
     let tiles = plan_tiles(g, TileSizing::new::<T>(g, direct), threads, direct);
     let gemm_threads = if tiles.len() < threads { threads } else { 1 };
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let run_tile = |&tile: &TileRows| -> candle_core::Result<()> {
-        with_scratch(T::scratch(), |scratch| {
-            T::tile(g, x, w, post, tile, scratch, out_ptr, gemm_threads)
+    // SAFETY: the tiles are runs of output rows that together cover every row of every image
+    // (`plan_tiles`), and each tile writes all `c_out` channels of its rows: its GEMM stores
+    // every element of its block (or accumulates onto the residual that `store_tile` wrote
+    // there first).
+    unsafe {
+        written_output(g.batch * image_out, |out_ptr| {
+            let run_tile = |&tile: &TileRows| -> candle_core::Result<()> {
+                with_scratch(T::scratch(), |scratch| {
+                    T::tile(g, x, w, post, tile, scratch, out_ptr, gemm_threads)
+                })
+            };
+            match tiles.as_slice() {
+                [tile] => run_tile(tile),
+                _ => tiles.par_iter().try_for_each(run_tile),
+            }
         })
-    };
-    match tiles.as_slice() {
-        [tile] => run_tile(tile)?,
-        _ => tiles.par_iter().try_for_each(run_tile)?,
     }
-    Ok(out)
+}
+
+/// A new buffer of `len` values, written by `write` through the pointer it gets: never zeroed,
+/// so its pages are faulted in by the threads that write them (see
+/// [`super::storage::unwritten`]).
+///
+/// # Safety
+/// When `write` returns `Ok`, it has written all `len` values.
+unsafe fn written_output<T>(
+    len: usize,
+    write: impl FnOnce(OutPtr<T>) -> candle_core::Result<()>,
+) -> candle_core::Result<Vec<T>> {
+    let mut out = unwritten::<T>(len);
+    write(OutPtr(out.as_mut_ptr().cast()))?;
+    // SAFETY: the caller's promise.
+    Ok(unsafe { assume_written(out) })
 }
 
 /// Runs `multiply` on the tile's `c_out x n` output block: the block of the NCHW output itself
@@ -1065,12 +1090,14 @@ fn load_residual<T: Copy>(
 ) {
     let Some(residual) = residual else { return };
     for c in 0..g.c_out {
-        let Some(row) = dst.row_mut(c) else { return };
+        let Some(row) = dst.row_to_write(c) else {
+            return;
+        };
         for (i, chunk) in row.chunks_exact_mut(g.out_w).enumerate() {
             let global_row = tile.first + i;
             let (image, oh) = (global_row / g.out_h, global_row % g.out_h);
             let offset = ((image * g.c_out + c) * g.out_h + oh) * g.out_w;
-            chunk.copy_from_slice(&residual[offset..offset + g.out_w]);
+            write_values(chunk, &residual[offset..offset + g.out_w]);
         }
     }
 }
@@ -1235,9 +1262,16 @@ fn scatter_rows<T: Copy>(g: &Geometry, product: &[T], tile: TileRows, out: OutPt
             let offset = ((image * g.c_out + c) * g.out_h + oh) * g.out_w;
             // SAFETY: `offset .. offset + out_w` is one output row inside the buffer, owned by
             // this tile alone.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset), g.out_w) };
-            dst.copy_from_slice(src);
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset).cast(), g.out_w) };
+            write_values(dst, src);
         }
+    }
+}
+
+/// Writes `src` into `dst`, which may be uninitialised.
+fn write_values<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
     }
 }
 

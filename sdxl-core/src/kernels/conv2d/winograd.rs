@@ -15,11 +15,14 @@
 //! kernel transform is done per call, straight into the GEMM's packed panels, like the f32
 //! panels of the direct path.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::super::bf16_gemm::{self, Bias, IndexedB, MatMut, PackedF32A, PANEL_COLUMNS};
-use super::super::convert::Element;
-use super::{keep_buffer, prefix, to_candle, with_scratch, Epilogue, Geometry, OutPtr};
+use super::{
+    keep_buffer, prefix, to_candle, with_scratch, written_output, Epilogue, Geometry, OutPtr,
+};
 
 /// Points of the 4×4 transform: one GEMM each.
 const POINTS: usize = 16;
@@ -91,19 +94,22 @@ pub(super) fn convolve(
     }
     let mut kernel = KERNEL.take();
     let result = transform_kernel(g, w, &mut kernel).and_then(|kernels| {
-        let mut out = f32::zeroed(out_len);
         let plan = Plan::new(g, threads);
-        let out_ptr = OutPtr(out.as_mut_ptr());
-        let run = |block: &std::ops::Range<usize>| {
-            with_scratch(&SCRATCH, |scratch| {
-                plan.run_block(g, x, &kernels, post, block.clone(), scratch, out_ptr)
+        // SAFETY: the blocks are runs of tile rows covering every output row, and a block
+        // writes each of its output rows in every channel (`transform_output`).
+        unsafe {
+            written_output(out_len, |out_ptr| {
+                let run = |block: &std::ops::Range<usize>| {
+                    with_scratch(&SCRATCH, |scratch| {
+                        plan.run_block(g, x, &kernels, post, block.clone(), scratch, out_ptr)
+                    })
+                };
+                match plan.blocks.as_slice() {
+                    [block] => run(block),
+                    blocks => blocks.par_iter().try_for_each(run),
+                }
             })
-        };
-        match plan.blocks.as_slice() {
-            [block] => run(block)?,
-            blocks => blocks.par_iter().try_for_each(run)?,
         }
-        Ok(out)
     });
     keep_buffer(&KERNEL, kernel, KEEP_KERNEL_BYTES);
     result
@@ -358,9 +364,13 @@ impl Plan {
                 // SAFETY: `convolve` allocated `batch · c_out · out_h · out_w` values and this
                 // output row belongs to this block's tile rows and this channel alone, so
                 // nothing else touches it while the slice lives.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset), g.out_w) };
+                let row = unsafe { out.0.add(offset) };
+                // SAFETY: the row (see above), written here before anything reads it.
+                let dst = unsafe { std::slice::from_raw_parts_mut(row.cast(), g.out_w) };
                 interleave(dst, left, right);
                 if let Some(residual) = post.residual {
+                    // SAFETY: the same row, now written in full by `interleave`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(row, g.out_w) };
                     for (d, r) in dst.iter_mut().zip(&residual[offset..offset + g.out_w]) {
                         *d += r;
                     }
@@ -370,15 +380,16 @@ impl Plan {
     }
 }
 
-/// `dst[2t] = left[t]`, `dst[2t + 1] = right[t]`, as far as `dst` reaches.
-fn interleave(dst: &mut [f32], left: &[f32], right: &[f32]) {
+/// `dst[2t] = left[t]`, `dst[2t + 1] = right[t]`: every value of `dst` when `left` and `right`
+/// hold `dst.len().div_ceil(2)` values.
+fn interleave(dst: &mut [MaybeUninit<f32>], left: &[f32], right: &[f32]) {
     let mut pairs = dst.chunks_exact_mut(2);
     for ((pair, &l), &r) in (&mut pairs).zip(left).zip(right) {
-        pair[0] = l;
-        pair[1] = r;
+        pair[0].write(l);
+        pair[1].write(r);
     }
     if let ([last], Some(&l)) = (pairs.into_remainder(), left.get(left.len().wrapping_sub(1))) {
-        *last = l;
+        last.write(l);
     }
 }
 
