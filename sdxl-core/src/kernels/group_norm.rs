@@ -18,6 +18,19 @@ use rayon::prelude::*;
 
 use super::math::{lane_sum, silu, Element};
 use super::storage::{assume_written, contiguous_values, unwritten};
+#[cfg(target_arch = "x86_64")]
+use super::vector::Lanes;
+
+/// The element types normalised here: those of [`Element`], which on x86-64 also load into
+/// AVX-512 lanes.
+#[cfg(target_arch = "x86_64")]
+trait Values: Lanes {}
+#[cfg(target_arch = "x86_64")]
+impl<T: Lanes> Values for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait Values: Element {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Element> Values for T {}
 
 /// Whether [`group_norm`] handles `x`: an f32 or bf16 tensor on the CPU with at least 3
 /// dimensions.
@@ -56,7 +69,7 @@ pub fn group_norm(x: &Tensor, params: &GroupNormParams) -> candle_core::Result<T
     }
 }
 
-fn group_norm_typed<T: Element>(
+fn group_norm_typed<T: Values>(
     x: &Tensor,
     params: &GroupNormParams,
 ) -> candle_core::Result<Tensor> {
@@ -93,7 +106,7 @@ fn group_norm_typed<T: Element>(
 
 /// Normalises one group (`src` holds its channels one after the other, `spatial` values each),
 /// on the widest vector unit this CPU has.
-fn normalise_group<T: Element>(
+fn normalise_group<T: Values>(
     src: &[T],
     dst: &mut [MaybeUninit<T>],
     spatial: usize,
@@ -112,9 +125,7 @@ fn normalise_group<T: Element>(
     };
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-        {
+        if super::vector::available() {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { normalise_group_avx512(src, dst, &group) };
         }
@@ -137,11 +148,19 @@ struct Group<'a> {
     silu: bool,
 }
 
-/// [`normalise_group_portable`] compiled for AVX-512.
+/// [`normalise_group_portable`] compiled for AVX-512, with SiLU's affine step written in
+/// AVX-512 (`vector.rs`: no division, fused multiply-adds).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn normalise_group_avx512<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
-    normalise_group_portable(src, dst, group);
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn normalise_group_avx512<T: Lanes>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
+    normalise_group_with(src, dst, group, |src, dst, scale, shift| {
+        if group.silu {
+            // SAFETY: this function runs only where `vector::available()` said yes.
+            unsafe { super::vector::affine_silu(src, dst, scale, shift) };
+        } else {
+            affine(src, dst, scale, shift, false);
+        }
+    });
 }
 
 /// [`normalise_group_portable`] compiled for AVX2 and FMA.
@@ -151,10 +170,24 @@ fn normalise_group_avx2<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], group
     normalise_group_portable(src, dst, group);
 }
 
-/// The mean, then the variance around it (two reads), then one write of the affine transform
-/// (and SiLU) per channel: every value of `dst` (as long as `src`) is written.
+/// [`normalise_group_with`] with the portable affine step.
 #[inline(always)]
 fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
+    normalise_group_with(src, dst, group, |src, dst, scale, shift| {
+        affine(src, dst, scale, shift, group.silu);
+    });
+}
+
+/// The mean, then the variance around it (two reads), then one write per channel by
+/// `affine(src, dst, scale, shift)` (the affine transform, and SiLU when the group asks): every
+/// value of `dst` (as long as `src`) is written.
+#[inline(always)]
+fn normalise_group_with<T: Element>(
+    src: &[T],
+    dst: &mut [MaybeUninit<T>],
+    group: &Group,
+    affine: impl Fn(&[T], &mut [MaybeUninit<T>], f32, f32),
+) {
     let n = src.len().max(1) as f64;
     let mean = block_sum(src, |v| v) / n;
     let centre = mean as f32;
@@ -170,7 +203,7 @@ fn normalise_group_portable<T: Element>(src: &[T], dst: &mut [MaybeUninit<T>], g
         let b = group.bias.get(channel).copied().unwrap_or(0.0);
         let scale = (f64::from(w) * inv_std) as f32;
         let shift = (f64::from(b) - mean * f64::from(w) * inv_std) as f32;
-        affine(src, dst, scale, shift, group.silu);
+        affine(src, dst, scale, shift);
     }
 }
 

@@ -14,5 +14,7 @@ pub mod matmul;
 mod parallel;
 mod storage;
 pub mod transpose;
+#[cfg(target_arch = "x86_64")]
+mod vector;
 #[cfg(test)]
 mod written_outputs;
