@@ -405,3 +405,46 @@ fn winograd_matches_a_direct_convolution_in_f64() {
         );
     }
 }
+
+/// The tiles cover every output row exactly once, in runs within one image whose lengths
+/// differ by at most one, and in a multiple of the thread count where the rows allow.
+#[test]
+fn tiles_cover_every_row_once_in_balanced_runs() {
+    for (x_dims, c_out, stride) in [
+        ([1, 128, 256, 256], 128, 1),
+        ([2, 256, 128, 128], 256, 1),
+        ([1, 128, 256, 256], 128, 2),
+        ([2, 8, 37, 64], 6, 1),
+        ([3, 4, 9, 32], 4, 1),
+    ] {
+        let w_dims = [c_out, x_dims[1], 3, 3];
+        let g = Geometry::new(&x_dims, &w_dims, &config(1, stride, 1), InputPrep::NONE).unwrap();
+        for threads in [1, 2, 3, 4] {
+            for direct in [false, true] {
+                let tiles = plan_tiles(&g, TileSizing::new::<bf16>(&g, direct), threads, direct);
+                let mut next = 0;
+                for tile in &tiles {
+                    assert_eq!(tile.first, next, "{g:?}: a gap or overlap at row {next}");
+                    assert!(tile.count > 0, "{g:?}: an empty tile");
+                    next += tile.count;
+                }
+                assert_eq!(next, g.batch * g.out_h, "{g:?}: rows left out");
+                if tiles.len() == 1 {
+                    // Too few rows for one tile per thread: one tile, on the GEMM's threads.
+                    continue;
+                }
+                let (shortest, longest) = tiles.iter().fold((usize::MAX, 0), |(s, l), t| {
+                    (s.min(t.count), l.max(t.count))
+                });
+                assert!(longest - shortest <= 1, "{g:?}: {shortest}..{longest} rows");
+                assert!(tiles.iter().all(|&t| slab::within_one_image(&g, t)));
+                // A multiple of the threads, unless the tiles are down to single rows.
+                assert!(
+                    tiles.len().is_multiple_of(threads) || longest == 1,
+                    "{g:?}: {} tiles on {threads} threads",
+                    tiles.len()
+                );
+            }
+        }
+    }
+}
