@@ -90,6 +90,10 @@ pub(super) trait SlabInput: Copy {
 
     /// `dst[j]` from column `j / 2` of the plane's channel rows (×2 upsampling).
     fn write_row_doubled(rows: [&[Self]; 2], dst: &mut [Self::Value]);
+
+    /// `dst[j]` from column `first + 2j` of the plane's channel rows (stride 2) while both
+    /// of its columns `first + 2j` and `first + 2j + 1` exist; returns how many it wrote.
+    fn write_row_every_other(rows: [&[Self]; 2], first: usize, dst: &mut [Self::Value]) -> usize;
 }
 
 /// `dst[j]` from column `(first + j · step) / upsample` of the plane's channel rows.
@@ -104,6 +108,12 @@ fn write_run<I: SlabInput>(
     match (first, step, upsample) {
         (0, 1, 1) => I::write_row(rows, dst),
         (0, 1, 2) => I::write_row_doubled(rows, dst),
+        (_, 2, 1) => {
+            let done = I::write_row_every_other(rows, first, dst);
+            for (j, d) in dst.iter_mut().enumerate().skip(done) {
+                *d = I::value(rows, first + 2 * j);
+            }
+        }
         _ => {
             for (j, d) in dst.iter_mut().enumerate() {
                 *d = I::value(rows, (first + j * step) / upsample);
@@ -145,6 +155,24 @@ impl SlabInput for bf16 {
             d[1] = v;
         }
     }
+
+    #[inline(always)]
+    fn write_row_every_other([lo, hi]: [&[bf16]; 2], first: usize, dst: &mut [u32]) -> usize {
+        let (lo, hi) = (
+            lo.get(first..).unwrap_or_default(),
+            hi.get(first..).unwrap_or_default(),
+        );
+        let mut written = 0;
+        for ((d, l), h) in dst
+            .iter_mut()
+            .zip(lo.chunks_exact(2))
+            .zip(hi.chunks_exact(2))
+        {
+            *d = pair(l[0], h[0]);
+            written += 1;
+        }
+        written
+    }
 }
 
 impl SlabInput for f32 {
@@ -168,6 +196,17 @@ impl SlabInput for f32 {
             d[0] = v;
             d[1] = v;
         }
+    }
+
+    #[inline(always)]
+    fn write_row_every_other([row, _]: [&[f32]; 2], first: usize, dst: &mut [f32]) -> usize {
+        let row = row.get(first..).unwrap_or_default();
+        let mut written = 0;
+        for (d, v) in dst.iter_mut().zip(row.chunks_exact(2)) {
+            *d = v[0];
+            written += 1;
+        }
+        written
     }
 }
 
