@@ -17,6 +17,28 @@ use rayon::prelude::*;
 
 use super::math::{self, Element};
 use super::storage::{assume_written, contiguous_values, unwritten};
+#[cfg(target_arch = "x86_64")]
+use super::vector::{Activation, Lanes};
+
+/// The element types the activations run on: those of [`Element`], which on x86-64 also load
+/// into AVX-512 lanes.
+#[cfg(target_arch = "x86_64")]
+trait Values: Lanes {}
+#[cfg(target_arch = "x86_64")]
+impl<T: Lanes> Values for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait Values: Element {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Element> Values for T {}
+
+/// Which activation a call computes (for the AVX-512 path; elsewhere unused).
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    Geglu,
+    GeluErf,
+    QuickGelu,
+}
 
 /// Whether the kernels handle `x`: a CPU tensor in f32 or bf16 ([`geglu`] also needs an even
 /// last dimension).
@@ -39,7 +61,9 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     if let Some(last) = out_dims.last_mut() {
         *last = width / 2;
     }
-    map_rows(h, "geglu", width, out_dims, |v, g| v * math::gelu_erf(g))
+    map_rows(h, "geglu", width, out_dims, Activation::Geglu, |v, g| {
+        v * math::gelu_erf(g)
+    })
 }
 
 /// PyTorch's exact GELU, `x · Φ(x)`, element-wise, in `x`'s dtype.
@@ -47,7 +71,14 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
 /// # Errors
 /// A tensor [`supports`] refuses, or a tensor operation fails.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    map_rows(x, "gelu", 0, x.dims().to_vec(), |v, _| math::gelu_erf(v))
+    map_rows(
+        x,
+        "gelu",
+        0,
+        x.dims().to_vec(),
+        Activation::GeluErf,
+        |v, _| math::gelu_erf(v),
+    )
 }
 
 /// Quick GELU, `x · sigmoid(1.702 x)`, element-wise, in `x`'s dtype.
@@ -55,22 +86,29 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 /// # Errors
 /// A tensor [`supports`] refuses, or a tensor operation fails.
 pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    map_rows(x, "quick gelu", 0, x.dims().to_vec(), |v, _| {
-        v / (1.0 + math::exp(-1.702 * v))
-    })
+    map_rows(
+        x,
+        "quick gelu",
+        0,
+        x.dims().to_vec(),
+        Activation::QuickGelu,
+        |v, _| v / (1.0 + math::exp(-1.702 * v)),
+    )
 }
 
 /// Values per rayon task: enough that a task outweighs its scheduling.
 const VALUES_PER_TASK: usize = 1 << 15;
 
-/// `out = f(a, b)` element-wise. With `width > 0`, every row of `width` values of `x` holds `a`
-/// in its first half and `b` in its second, and the output rows are half as wide; with
-/// `width == 0`, `a` is `x` itself (and `b` is unused).
+/// `out = f(a, b)` element-wise (`kind` names `f` for the AVX-512 path, `vector.rs`). With
+/// `width > 0`, every row of `width` values of `x` holds `a` in its first half and `b` in its
+/// second, and the output rows are half as wide; with `width == 0`, `a` is `x` itself (and `b`
+/// is unused).
 fn map_rows<F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
     x: &Tensor,
     what: &str,
     width: usize,
     out_dims: Vec<usize>,
+    kind: Activation,
     f: F,
 ) -> candle_core::Result<Tensor> {
     if !supports(x) {
@@ -81,15 +119,16 @@ fn map_rows<F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
         )
     }
     match x.dtype() {
-        DType::F32 => map_rows_typed::<f32, F>(x, width, out_dims, f),
-        _ => map_rows_typed::<bf16, F>(x, width, out_dims, f),
+        DType::F32 => map_rows_typed::<f32, F>(x, width, out_dims, kind, f),
+        _ => map_rows_typed::<bf16, F>(x, width, out_dims, kind, f),
     }
 }
 
-fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
+fn map_rows_typed<T: Values, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
     x: &Tensor,
     width: usize,
     out_dims: Vec<usize>,
+    kind: Activation,
     f: F,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
@@ -99,7 +138,7 @@ fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
         let mut out = unwritten::<T>(input.len());
         out.par_chunks_mut(VALUES_PER_TASK)
             .zip(input.par_chunks(VALUES_PER_TASK))
-            .for_each(|(dst, src)| map_block(src, src, dst, f));
+            .for_each(|(dst, src)| map_block(src, src, dst, kind, f));
         out
     } else {
         let inner = width / 2;
@@ -111,7 +150,7 @@ fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
                 .for_each(|(dst, src)| {
                     for (d, s) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(width)) {
                         let (a, b) = s.split_at(inner);
-                        map_block(a, b, d, f);
+                        map_block(a, b, d, kind, f);
                     }
                 });
         }
@@ -126,20 +165,20 @@ fn map_rows_typed<T: Element, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
-/// `out[j] = f(a[j], b[j])` on the widest vector unit this CPU has.
-fn map_block<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
+/// `out[j] = f(a[j], b[j])` on the widest vector unit this CPU has: with AVX-512, `kind`'s
+/// function written in intrinsics (`vector.rs`: no division, fused multiply-adds).
+fn map_block<T: Values, F: Fn(f32, f32) -> f32 + Copy>(
     a: &[T],
     b: &[T],
     out: &mut [MaybeUninit<T>],
+    kind: Activation,
     f: F,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-        {
+        if super::vector::available() {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { map_block_avx512(a, b, out, f) };
+            return unsafe { super::vector::activation(kind, a, b, out) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
@@ -147,18 +186,6 @@ fn map_block<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
             return unsafe { map_block_avx2(a, b, out, f) };
         }
     }
-    map_block_portable(a, b, out, f);
-}
-
-/// [`map_block_portable`] compiled for AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn map_block_avx512<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
-    a: &[T],
-    b: &[T],
-    out: &mut [MaybeUninit<T>],
-    f: F,
-) {
     map_block_portable(a, b, out, f);
 }
 

@@ -7,12 +7,13 @@
 
 use std::arch::x86_64::{
     __m512, _mm256_loadu_si256, _mm256_mask_storeu_epi16, _mm256_maskz_loadu_epi16,
-    _mm256_storeu_si256, _mm512_add_epi32, _mm512_add_ps, _mm512_and_si512, _mm512_castps_si512,
-    _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16, _mm512_cvtepu16_epi32,
-    _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_epi32,
-    _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
-    _mm512_or_si512, _mm512_rcp14_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_slli_epi32,
-    _mm512_srli_epi32, _mm512_storeu_ps, _mm512_sub_epi32, _mm512_sub_ps, _CMP_UNORD_Q,
+    _mm256_storeu_si256, _mm512_add_epi32, _mm512_add_ps, _mm512_and_si512, _mm512_andnot_si512,
+    _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask, _mm512_cvtepi32_epi16,
+    _mm512_cvtepu16_epi32, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_loadu_ps,
+    _mm512_mask_blend_epi32, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_max_ps,
+    _mm512_min_ps, _mm512_mul_ps, _mm512_or_si512, _mm512_rcp14_ps, _mm512_set1_epi32,
+    _mm512_set1_ps, _mm512_slli_epi32, _mm512_srli_epi32, _mm512_storeu_ps, _mm512_sub_epi32,
+    _mm512_sub_ps, _CMP_UNORD_Q,
 };
 use std::mem::MaybeUninit;
 
@@ -158,17 +159,108 @@ fn exp_clamped(x: __m512) -> __m512 {
     _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
 }
 
-/// `x · sigmoid(x)`: `x / (1 + e^-x)` with the reciprocal refined from its estimate. Where
-/// `e^-x` would overflow it is clamped (to e^88), so large negative `x` give about `-0`.
+/// `1 / d` for `d ≥ 1`: the 14-bit estimate refined by one Newton step, `r · (2 − d·r)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn reciprocal(d: __m512) -> __m512 {
+    let estimate = _mm512_rcp14_ps(d);
+    let correction = _mm512_fnmadd_ps(d, estimate, _mm512_set1_ps(2.0));
+    _mm512_mul_ps(estimate, correction)
+}
+
+/// `x · sigmoid(a·x)`: `x / (1 + e^(−a·x))` with the reciprocal refined from its estimate.
+/// Where `e^(−a·x)` would overflow it is clamped (to e^88), so large negative `x` give about
+/// `-0`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn x_sigmoid(x: __m512, a: f32) -> __m512 {
+    let ax = _mm512_mul_ps(_mm512_set1_ps(-a), x);
+    let denominator = _mm512_add_ps(_mm512_set1_ps(1.0), exp_clamped(ax));
+    _mm512_mul_ps(x, reciprocal(denominator))
+}
+
+/// SiLU, `x · sigmoid(x)`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 fn silu(x: __m512) -> __m512 {
-    let one = _mm512_set1_ps(1.0);
-    let denominator = _mm512_add_ps(one, exp_clamped(_mm512_sub_ps(_mm512_set1_ps(0.0), x)));
-    let estimate = _mm512_rcp14_ps(denominator);
-    // One Newton step: r' = r · (2 − d·r).
-    let correction = _mm512_fnmadd_ps(denominator, estimate, _mm512_set1_ps(2.0));
-    _mm512_mul_ps(x, _mm512_mul_ps(estimate, correction))
+    x_sigmoid(x, 1.0)
+}
+
+/// The exact GELU `x/2 · (1 + erf(x/√2))`, with `erf` as [`super::math`]'s (Abramowitz &
+/// Stegun 7.1.26) on fused multiply-adds and a refined reciprocal.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+fn gelu_erf(x: __m512) -> __m512 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152,
+        1.061_405_4,
+    ];
+    let sign_bit = _mm512_set1_epi32(i32::MIN);
+    let u = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+    let z = _mm512_castsi512_ps(_mm512_andnot_si512(sign_bit, _mm512_castps_si512(u)));
+    let t = reciprocal(_mm512_fmadd_ps(_mm512_set1_ps(P), z, _mm512_set1_ps(1.0)));
+    let mut poly = _mm512_set1_ps(A[4]);
+    for &c in A[..4].iter().rev() {
+        poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+    }
+    poly = _mm512_mul_ps(poly, t);
+    let minus_z2 = _mm512_sub_ps(_mm512_set1_ps(0.0), _mm512_mul_ps(z, z));
+    let magnitude = _mm512_fnmadd_ps(poly, exp_clamped(minus_z2), _mm512_set1_ps(1.0));
+    let erf = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(magnitude),
+        _mm512_and_si512(_mm512_castps_si512(u), sign_bit),
+    ));
+    let half_x = _mm512_mul_ps(x, _mm512_set1_ps(0.5));
+    _mm512_fmadd_ps(half_x, erf, half_x)
+}
+
+/// The element-wise activations [`activation`] computes, as `kernels::activation` defines
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// `a · gelu_erf(b)`.
+    Geglu,
+    /// `gelu_erf(a)`.
+    GeluErf,
+    /// `a · sigmoid(1.702 a)`.
+    QuickGelu,
+}
+
+/// `out[j] = kind(a[j], b[j])` for every value of `out` (`a`, `b` and `out` equally long; `b`
+/// is read only for [`Activation::Geglu`]).
+///
+/// # Safety
+/// The CPU has what [`available`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+pub(crate) unsafe fn activation<T: Lanes>(
+    kind: Activation,
+    a: &[T],
+    b: &[T],
+    out: &mut [MaybeUninit<T>],
+) {
+    let len = out.len().min(a.len()).min(b.len());
+    let mut at = 0;
+    while at < len {
+        let count = (len - at).min(LANES);
+        // SAFETY: `count` values from `at` are inside all three slices, and the caller
+        // guarantees the CPU features.
+        unsafe {
+            let x = T::load_lanes(a.as_ptr().add(at), count);
+            let y = match kind {
+                Activation::Geglu => {
+                    _mm512_mul_ps(x, gelu_erf(T::load_lanes(b.as_ptr().add(at), count)))
+                }
+                Activation::GeluErf => gelu_erf(x),
+                Activation::QuickGelu => x_sigmoid(x, 1.702),
+            };
+            T::store_lanes(out.as_mut_ptr().add(at).cast(), y, count);
+        }
+        at += count;
+    }
 }
 
 /// `dst[i] = silu(src[i] · scale + shift)` for every value of `dst` (as long as `src`).
@@ -240,6 +332,69 @@ mod tests {
                     close || (got.is_nan() && want.is_nan()) || got == want,
                     "bf16 silu at {s}: {got:e} vs {want:e}"
                 );
+            }
+        }
+    }
+
+    /// Each activation against the scalar function of `kernels::math` over a sweep of
+    /// inputs and tail lengths: f32 within 1e-6 relative plus the two `erf`s' errors (1.5e-7
+    /// each, scaled by the GELU's `x/2`), bf16 within one rounding of that.
+    #[test]
+    fn activations_match_the_scalar_functions() {
+        if !available() {
+            return;
+        }
+        let a: Vec<f32> = (0..4099)
+            .map(|i| (i as f32 * 0.618_034).fract() * 24.0 - 12.0)
+            .collect();
+        let b: Vec<f32> = a.iter().map(|v| -0.7 * v + 0.4).collect();
+        let scalar = |kind: Activation, x: f32, y: f32| match kind {
+            Activation::Geglu => x * math::gelu_erf(y),
+            Activation::GeluErf => math::gelu_erf(x),
+            Activation::QuickGelu => x / (1.0 + math::exp(-1.702 * x)),
+        };
+        for kind in [
+            Activation::Geglu,
+            Activation::GeluErf,
+            Activation::QuickGelu,
+        ] {
+            for len in [a.len(), 33, 7] {
+                let mut out = vec![MaybeUninit::<f32>::uninit(); len];
+                // SAFETY: `available` said yes.
+                unsafe { activation(kind, &a[..len], &b[..len], &mut out) };
+                for ((&x, &y), o) in a.iter().zip(&b).zip(&out) {
+                    // SAFETY: `activation` writes every value.
+                    let got = unsafe { o.assume_init() };
+                    let want = scalar(kind, x, y);
+                    // GELU is x/2 · (1 + erf): near erf = −1 the two functions' `erf`
+                    // errors (about 1e-7 each) are no longer small against `1 + erf`.
+                    let erf_scale = match kind {
+                        Activation::Geglu => (x * y).abs(),
+                        Activation::GeluErf => x.abs(),
+                        Activation::QuickGelu => 0.0,
+                    };
+                    assert!(
+                        (got - want).abs() <= want.abs() * 1e-6 + erf_scale * 3e-7 + 1e-7,
+                        "{kind:?} f32 at ({x}, {y}): {got:e} vs {want:e}"
+                    );
+                }
+                let (ha, hb): (Vec<bf16>, Vec<bf16>) = a[..len]
+                    .iter()
+                    .zip(&b)
+                    .map(|(&x, &y)| (bf16::from_f32(x), bf16::from_f32(y)))
+                    .unzip();
+                let mut out = vec![MaybeUninit::<bf16>::uninit(); len];
+                // SAFETY: as above.
+                unsafe { activation(kind, &ha, &hb, &mut out) };
+                for ((&x, &y), o) in ha.iter().zip(&hb).zip(&out) {
+                    // SAFETY: as above.
+                    let got = unsafe { o.assume_init() }.to_f32();
+                    let want = scalar(kind, x.to_f32(), y.to_f32());
+                    assert!(
+                        (got - want).abs() <= want.abs() * 2f32.powi(-8) + 1e-6,
+                        "{kind:?} bf16 at ({x}, {y}): {got:e} vs {want:e}"
+                    );
+                }
             }
         }
     }
