@@ -15,21 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::math::{self, Element};
+use super::math::{self, Element, Values};
 use super::storage::{assume_written, contiguous_values, unwritten};
 #[cfg(target_arch = "x86_64")]
-use super::vector::{Activation, Lanes};
-
-/// The element types the activations run on: those of [`Element`], which on x86-64 also load
-/// into AVX-512 lanes.
-#[cfg(target_arch = "x86_64")]
-trait Values: Lanes {}
-#[cfg(target_arch = "x86_64")]
-impl<T: Lanes> Values for T {}
-#[cfg(not(target_arch = "x86_64"))]
-trait Values: Element {}
-#[cfg(not(target_arch = "x86_64"))]
-impl<T: Element> Values for T {}
+use super::vector::Activation;
 
 /// Which activation a call computes (for the AVX-512 path; elsewhere unused).
 #[cfg(not(target_arch = "x86_64"))]
@@ -186,6 +175,8 @@ fn map_block<T: Values, F: Fn(f32, f32) -> f32 + Copy>(
             return unsafe { map_block_avx2(a, b, out, f) };
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kind;
     map_block_portable(a, b, out, f);
 }
 

@@ -16,21 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::math::{lane_sum, silu, Element};
+use super::math::{lane_sum, silu, Element, Values};
 use super::storage::{assume_written, contiguous_values, unwritten};
-#[cfg(target_arch = "x86_64")]
-use super::vector::Lanes;
-
-/// The element types normalised here: those of [`Element`], which on x86-64 also load into
-/// AVX-512 lanes.
-#[cfg(target_arch = "x86_64")]
-trait Values: Lanes {}
-#[cfg(target_arch = "x86_64")]
-impl<T: Lanes> Values for T {}
-#[cfg(not(target_arch = "x86_64"))]
-trait Values: Element {}
-#[cfg(not(target_arch = "x86_64"))]
-impl<T: Element> Values for T {}
 
 /// Whether [`group_norm`] handles `x`: an f32 or bf16 tensor on the CPU with at least 3
 /// dimensions.
@@ -152,7 +139,7 @@ struct Group<'a> {
 /// AVX-512 (`vector.rs`: no division, fused multiply-adds).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn normalise_group_avx512<T: Lanes>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
+fn normalise_group_avx512<T: Values>(src: &[T], dst: &mut [MaybeUninit<T>], group: &Group) {
     normalise_group_with(src, dst, group, |src, dst, scale, shift| {
         if group.silu {
             // SAFETY: this function runs only where `vector::available()` said yes.

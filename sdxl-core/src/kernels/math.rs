@@ -52,6 +52,18 @@ impl Element for bf16 {
     }
 }
 
+/// The element types of the element-wise kernels: [`Element`]s, which on x86-64 also load
+/// into AVX-512 lanes (`vector.rs`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Values: super::vector::Lanes {}
+#[cfg(target_arch = "x86_64")]
+impl<T: super::vector::Lanes> Values for T {}
+/// The element types of the element-wise kernels: [`Element`]s.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Values: Element {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Element> Values for T {}
+
 /// `x` rounded to the nearest bf16, ties to even (as `bf16::from_f32`), in branch-free form
 /// that vectorises.
 #[inline(always)]
@@ -74,45 +86,58 @@ pub(crate) fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// `p` of Abramowitz & Stegun 7.1.26: `erf(z) ≈ 1 − t·(a₁ + t·(a₂ + …)) · e^(−z²)` with
+/// `t = 1 / (1 + p·z)`, for `z ≥ 0`.
+pub(crate) const ERF_P: f32 = 0.327_591_1;
+/// `a₁ … a₅` of Abramowitz & Stegun 7.1.26 (see [`ERF_P`]).
+pub(crate) const ERF_A: [f32; 5] = [
+    0.254_829_6,
+    -0.284_496_74,
+    1.421_413_7,
+    -1.453_152,
+    1.061_405_4,
+];
+
 /// `erf(u)` by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), branch-free.
 #[inline(always)]
 fn erf(u: f32) -> f32 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152,
-        1.061_405_4,
-    ];
+    let (p, a) = (ERF_P, ERF_A);
     let z = u.abs();
-    let t = 1.0 / (1.0 + P * z);
-    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    let t = 1.0 / (1.0 + p * z);
+    let poly = t * (a[0] + t * (a[1] + t * (a[2] + t * (a[3] + t * a[4]))));
     let y = 1.0 - poly * exp(-(z * z));
     y.copysign(u)
 }
+
+/// Adding then subtracting this rounds to the nearest integer (ties to even) and leaves the
+/// integer in the low mantissa bits: 1.5 · 2^23.
+pub(crate) const EXP_ROUND: f32 = 12_582_912.0;
+/// `ln 2` in two parts, the high one exact in few bits, so that `x − n·ln 2` loses nothing.
+pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
+/// The low part of `ln 2` (see [`EXP_LN2_HI`]).
+pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// [`exp`]'s polynomial in `r`, highest degree first: `e^r ≈ 1 + r + r²·P(r)`.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_2e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
 
 /// `e^x` within 2 ulp of `f32::exp`, branch-free (Cephes' `expf`: `x = n·ln 2 + r`, a degree-6
 /// polynomial in `r`, the exponent `n` set in the bits): 0 below -87 (f32's normal range), +inf
 /// above 88, NaN for NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    /// Adding then subtracting this rounds to the nearest integer (ties to even) and leaves the
-    /// integer in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     let clamped = x.clamp(-87.0, 88.0);
-    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let poly = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-        * r
-        + 0.166_666_65)
-        * r
-        + 0.5;
+    let shifted = clamped * std::f32::consts::LOG2_E + EXP_ROUND;
+    let n = shifted - EXP_ROUND;
+    let r = clamped - n * EXP_LN2_HI - n * EXP_LN2_LO;
+    let poly = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, &c| p * r + c);
     let y = poly * (r * r) + r + 1.0;
-    let exponent = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let exponent = shifted.to_bits().wrapping_sub(EXP_ROUND.to_bits());
     let pow2 = f32::from_bits(exponent.wrapping_add(127) << 23);
     if x < -87.0 {
         0.0

@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 
 use half::bf16;
 
-use super::math::Element;
+use super::math::{self, Element};
 
 /// Values per vector.
 const LANES: usize = 16;
@@ -130,23 +130,17 @@ impl Lanes for bf16 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 fn exp_clamped(x: __m512) -> __m512 {
-    let round = _mm512_set1_ps(12_582_912.0); // 1.5 · 2^23, as in `math::exp`
+    let round = _mm512_set1_ps(math::EXP_ROUND);
     let x = _mm512_min_ps(
         _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
         _mm512_set1_ps(88.0),
     );
     let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), round);
     let n = _mm512_sub_ps(shifted, round);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut poly = _mm512_set1_ps(1.987_569_2e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(math::EXP_LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(math::EXP_LN2_LO), r);
+    let mut poly = _mm512_set1_ps(math::EXP_POLY[0]);
+    for &c in &math::EXP_POLY[1..] {
         poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
     }
     let y = _mm512_fmadd_ps(
@@ -191,20 +185,13 @@ fn silu(x: __m512) -> __m512 {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 fn gelu_erf(x: __m512) -> __m512 {
-    const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152,
-        1.061_405_4,
-    ];
+    let (p, a) = (math::ERF_P, math::ERF_A);
     let sign_bit = _mm512_set1_epi32(i32::MIN);
     let u = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
     let z = _mm512_castsi512_ps(_mm512_andnot_si512(sign_bit, _mm512_castps_si512(u)));
-    let t = reciprocal(_mm512_fmadd_ps(_mm512_set1_ps(P), z, _mm512_set1_ps(1.0)));
-    let mut poly = _mm512_set1_ps(A[4]);
-    for &c in A[..4].iter().rev() {
+    let t = reciprocal(_mm512_fmadd_ps(_mm512_set1_ps(p), z, _mm512_set1_ps(1.0)));
+    let mut poly = _mm512_set1_ps(a[4]);
+    for &c in a[..4].iter().rev() {
         poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
     }
     poly = _mm512_mul_ps(poly, t);
@@ -289,7 +276,6 @@ pub(crate) unsafe fn affine_silu<T: Lanes>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::math;
 
     /// Against the scalar SiLU of the same affine values (rounded once, as the fused
     /// multiply-add here rounds them), over a sweep of inputs (and the tails of odd lengths): f32 within 4e-7 relative (plus 1e-30 near zero), bf16 within one
