@@ -17,16 +17,28 @@ use rayon::prelude::*;
 
 use super::math::{self, Element, Values};
 use super::storage::{assume_written, contiguous_values, unwritten};
-#[cfg(target_arch = "x86_64")]
-use super::vector::Activation;
-
-/// Which activation a call computes (for the AVX-512 path; elsewhere unused).
-#[cfg(not(target_arch = "x86_64"))]
-#[derive(Debug, Clone, Copy)]
-enum Activation {
+/// The element-wise activations of this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// `a · gelu_erf(b)`.
     Geglu,
+    /// `gelu_erf(a)`.
     GeluErf,
+    /// `a · sigmoid(1.702 a)`.
     QuickGelu,
+}
+
+impl Activation {
+    /// The activation of `a` (with the gate `b` for GEGLU), in f32: the portable definition,
+    /// which `vector.rs` computes the same way on AVX-512.
+    #[inline(always)]
+    pub(crate) fn scalar(self, a: f32, b: f32) -> f32 {
+        match self {
+            Self::Geglu => a * math::gelu_erf(b),
+            Self::GeluErf => math::gelu_erf(a),
+            Self::QuickGelu => a / (1.0 + math::exp(-1.702 * a)),
+        }
+    }
 }
 
 /// Whether the kernels handle `x`: a CPU tensor in f32 or bf16 ([`geglu`] also needs an even
@@ -50,9 +62,7 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
     if let Some(last) = out_dims.last_mut() {
         *last = width / 2;
     }
-    map_rows(h, "geglu", width, out_dims, Activation::Geglu, |v, g| {
-        v * math::gelu_erf(g)
-    })
+    map_rows(h, "geglu", width, out_dims, Activation::Geglu)
 }
 
 /// PyTorch's exact GELU, `x · Φ(x)`, element-wise, in `x`'s dtype.
@@ -60,14 +70,7 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
 /// # Errors
 /// A tensor [`supports`] refuses, or a tensor operation fails.
 pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    map_rows(
-        x,
-        "gelu",
-        0,
-        x.dims().to_vec(),
-        Activation::GeluErf,
-        |v, _| math::gelu_erf(v),
-    )
+    map_rows(x, "gelu", 0, x.dims().to_vec(), Activation::GeluErf)
 }
 
 /// Quick GELU, `x · sigmoid(1.702 x)`, element-wise, in `x`'s dtype.
@@ -75,30 +78,21 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 /// # Errors
 /// A tensor [`supports`] refuses, or a tensor operation fails.
 pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    map_rows(
-        x,
-        "quick gelu",
-        0,
-        x.dims().to_vec(),
-        Activation::QuickGelu,
-        |v, _| v / (1.0 + math::exp(-1.702 * v)),
-    )
+    map_rows(x, "quick gelu", 0, x.dims().to_vec(), Activation::QuickGelu)
 }
 
 /// Values per rayon task: enough that a task outweighs its scheduling.
 const VALUES_PER_TASK: usize = 1 << 15;
 
-/// `out = f(a, b)` element-wise (`kind` names `f` for the AVX-512 path, `vector.rs`). With
-/// `width > 0`, every row of `width` values of `x` holds `a` in its first half and `b` in its
-/// second, and the output rows are half as wide; with `width == 0`, `a` is `x` itself (and `b`
-/// is unused).
-fn map_rows<F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
+/// `out = kind(a, b)` element-wise. With `width > 0`, every row of `width` values of `x` holds
+/// `a` in its first half and `b` in its second, and the output rows are half as wide; with
+/// `width == 0`, `a` is `x` itself (and `b` is unused).
+fn map_rows(
     x: &Tensor,
     what: &str,
     width: usize,
     out_dims: Vec<usize>,
     kind: Activation,
-    f: F,
 ) -> candle_core::Result<Tensor> {
     if !supports(x) {
         candle_core::bail!(
@@ -108,17 +102,16 @@ fn map_rows<F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
         )
     }
     match x.dtype() {
-        DType::F32 => map_rows_typed::<f32, F>(x, width, out_dims, kind, f),
-        _ => map_rows_typed::<bf16, F>(x, width, out_dims, kind, f),
+        DType::F32 => map_rows_typed::<f32>(x, width, out_dims, kind),
+        _ => map_rows_typed::<bf16>(x, width, out_dims, kind),
     }
 }
 
-fn map_rows_typed<T: Values, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
+fn map_rows_typed<T: Values>(
     x: &Tensor,
     width: usize,
     out_dims: Vec<usize>,
     kind: Activation,
-    f: F,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
@@ -127,7 +120,7 @@ fn map_rows_typed<T: Values, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
         let mut out = unwritten::<T>(input.len());
         out.par_chunks_mut(VALUES_PER_TASK)
             .zip(input.par_chunks(VALUES_PER_TASK))
-            .for_each(|(dst, src)| map_block(src, src, dst, kind, f));
+            .for_each(|(dst, src)| map_block(src, src, dst, kind));
         out
     } else {
         let inner = width / 2;
@@ -139,7 +132,7 @@ fn map_rows_typed<T: Values, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
                 .for_each(|(dst, src)| {
                     for (d, s) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(width)) {
                         let (a, b) = s.split_at(inner);
-                        map_block(a, b, d, kind, f);
+                        map_block(a, b, d, kind);
                     }
                 });
         }
@@ -154,15 +147,10 @@ fn map_rows_typed<T: Values, F: Fn(f32, f32) -> f32 + Copy + Send + Sync>(
     Tensor::from_vec(out, out_dims, &Device::Cpu)
 }
 
-/// `out[j] = f(a[j], b[j])` on the widest vector unit this CPU has: with AVX-512, `kind`'s
-/// function written in intrinsics (`vector.rs`: no division, fused multiply-adds).
-fn map_block<T: Values, F: Fn(f32, f32) -> f32 + Copy>(
-    a: &[T],
-    b: &[T],
-    out: &mut [MaybeUninit<T>],
-    kind: Activation,
-    f: F,
-) {
+/// `out[j] = kind(a[j], b[j])` on the widest vector unit this CPU has: with AVX-512 in
+/// intrinsics (`vector.rs`: no division, fused multiply-adds), else a loop the compiler
+/// vectorises.
+fn map_block<T: Values>(a: &[T], b: &[T], out: &mut [MaybeUninit<T>], kind: Activation) {
     #[cfg(target_arch = "x86_64")]
     {
         if super::vector::available() {
@@ -172,36 +160,35 @@ fn map_block<T: Values, F: Fn(f32, f32) -> f32 + Copy>(
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
-            return unsafe { map_block_avx2(a, b, out, f) };
+            return unsafe { map_block_avx2(a, b, out, kind) };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = kind;
-    map_block_portable(a, b, out, f);
+    map_block_portable(a, b, out, kind);
 }
 
 /// [`map_block_portable`] compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn map_block_avx2<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
-    a: &[T],
-    b: &[T],
-    out: &mut [MaybeUninit<T>],
-    f: F,
-) {
-    map_block_portable(a, b, out, f);
+fn map_block_avx2<T: Element>(a: &[T], b: &[T], out: &mut [MaybeUninit<T>], kind: Activation) {
+    map_block_portable(a, b, out, kind);
+}
+
+/// [`map_each`] with `kind` fixed outside the loop.
+#[inline(always)]
+fn map_block_portable<T: Element>(a: &[T], b: &[T], out: &mut [MaybeUninit<T>], kind: Activation) {
+    use Activation::{Geglu, GeluErf, QuickGelu};
+    match kind {
+        Geglu => map_each(a, b, out, |x, y| Geglu.scalar(x, y)),
+        GeluErf => map_each(a, b, out, |x, y| GeluErf.scalar(x, y)),
+        QuickGelu => map_each(a, b, out, |x, y| QuickGelu.scalar(x, y)),
+    }
 }
 
 /// `out[j] = f(a[j], b[j])` in one flat loop, which the compiler vectorises (with its own
 /// remainder handling). Staging values through a block-sized array instead kept the array on
 /// the stack, and each 64-byte store and reload of it stalled: about 7 cycles per value.
 #[inline(always)]
-fn map_block_portable<T: Element, F: Fn(f32, f32) -> f32 + Copy>(
-    a: &[T],
-    b: &[T],
-    out: &mut [MaybeUninit<T>],
-    f: F,
-) {
+fn map_each<T: Element>(a: &[T], b: &[T], out: &mut [MaybeUninit<T>], f: impl Fn(f32, f32) -> f32) {
     for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
         d.write(T::store(f(x.load(), y.load())));
     }

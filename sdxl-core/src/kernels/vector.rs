@@ -19,6 +19,7 @@ use std::mem::MaybeUninit;
 
 use half::bf16;
 
+use super::activation::Activation;
 use super::math::{self, Element};
 
 /// Values per vector.
@@ -205,18 +206,6 @@ fn gelu_erf(x: __m512) -> __m512 {
     _mm512_fmadd_ps(half_x, erf, half_x)
 }
 
-/// The element-wise activations [`activation`] computes, as `kernels::activation` defines
-/// them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// `a · gelu_erf(b)`.
-    Geglu,
-    /// `gelu_erf(a)`.
-    GeluErf,
-    /// `a · sigmoid(1.702 a)`.
-    QuickGelu,
-}
-
 /// `out[j] = kind(a[j], b[j])` for every value of `out` (`a`, `b` and `out` equally long; `b`
 /// is read only for [`Activation::Geglu`]).
 ///
@@ -322,7 +311,7 @@ mod tests {
         }
     }
 
-    /// Each activation against the scalar function of `kernels::math` over a sweep of
+    /// Each activation against its portable definition (`Activation::scalar`) over a sweep of
     /// inputs and tail lengths: f32 within 1e-6 relative plus the two `erf`s' errors (1.5e-7
     /// each, scaled by the GELU's `x/2`), bf16 within one rounding of that.
     #[test]
@@ -334,11 +323,6 @@ mod tests {
             .map(|i| (i as f32 * 0.618_034).fract() * 24.0 - 12.0)
             .collect();
         let b: Vec<f32> = a.iter().map(|v| -0.7 * v + 0.4).collect();
-        let scalar = |kind: Activation, x: f32, y: f32| match kind {
-            Activation::Geglu => x * math::gelu_erf(y),
-            Activation::GeluErf => math::gelu_erf(x),
-            Activation::QuickGelu => x / (1.0 + math::exp(-1.702 * x)),
-        };
         for kind in [
             Activation::Geglu,
             Activation::GeluErf,
@@ -351,7 +335,7 @@ mod tests {
                 for ((&x, &y), o) in a.iter().zip(&b).zip(&out) {
                     // SAFETY: `activation` writes every value.
                     let got = unsafe { o.assume_init() };
-                    let want = scalar(kind, x, y);
+                    let want = kind.scalar(x, y);
                     // GELU is x/2 · (1 + erf): near erf = −1 the two functions' `erf`
                     // errors (about 1e-7 each) are no longer small against `1 + erf`.
                     let erf_scale = match kind {
@@ -375,7 +359,7 @@ mod tests {
                 for ((&x, &y), o) in ha.iter().zip(&hb).zip(&out) {
                     // SAFETY: as above.
                     let got = unsafe { o.assume_init() }.to_f32();
-                    let want = scalar(kind, x.to_f32(), y.to_f32());
+                    let want = kind.scalar(x.to_f32(), y.to_f32());
                     assert!(
                         (got - want).abs() <= want.abs() * 2f32.powi(-8) + 1e-6,
                         "{kind:?} bf16 at ({x}, {y}): {got:e} vs {want:e}"
