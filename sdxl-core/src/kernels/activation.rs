@@ -6,8 +6,9 @@
 //! GELU three more, and candle's `gelu_erf` evaluates `erf` from libm one element at a time
 //! (about 5% of a bf16 UNet step). Here each input is read once and each output written once,
 //! rows split across rayon's threads, with an `erf` built from vectorisable arithmetic
-//! (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7, with a polynomial `exp`), compiled
-//! for AVX-512 or AVX2 when the CPU has them. bf16 values are computed in f32 and rounded once.
+//! (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7, with a polynomial `exp`): written
+//! in AVX-512 intrinsics where the CPU has AVX-512 (`vector.rs`), else compiled for AVX2 or
+//! plain code. bf16 values are computed in f32 and rounded once.
 
 use std::mem::MaybeUninit;
 
@@ -17,6 +18,7 @@ use rayon::prelude::*;
 
 use super::math::{self, Element, Values};
 use super::storage::{assume_written, contiguous_values, unwritten};
+
 /// The element-wise activations of this module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Activation {

@@ -8,7 +8,8 @@
 //! once, with the affine transform and SiLU applied on the way (bf16 values are widened to f32
 //! as they are read and rounded once as they are written, so no widened copy of the tensor is
 //! made). All three passes are vectorised (AVX-512 or AVX2 where the CPU has them, with a
-//! vectorisable `exp` for the SiLU).
+//! vectorisable `exp` for the SiLU; on AVX-512 the SiLU pass is written in intrinsics,
+//! `vector.rs`).
 
 use std::mem::MaybeUninit;
 

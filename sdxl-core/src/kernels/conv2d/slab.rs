@@ -162,16 +162,15 @@ impl SlabInput for bf16 {
             lo.get(first..).unwrap_or_default(),
             hi.get(first..).unwrap_or_default(),
         );
-        let mut written = 0;
-        for ((d, l), h) in dst
+        let pairs = dst.len().min(lo.len() / 2).min(hi.len() / 2);
+        for ((d, l), h) in dst[..pairs]
             .iter_mut()
             .zip(lo.chunks_exact(2))
             .zip(hi.chunks_exact(2))
         {
             *d = pair(l[0], h[0]);
-            written += 1;
         }
-        written
+        pairs
     }
 }
 
@@ -201,12 +200,11 @@ impl SlabInput for f32 {
     #[inline(always)]
     fn write_row_every_other([row, _]: [&[f32]; 2], first: usize, dst: &mut [f32]) -> usize {
         let row = row.get(first..).unwrap_or_default();
-        let mut written = 0;
-        for (d, v) in dst.iter_mut().zip(row.chunks_exact(2)) {
+        let pairs = dst.len().min(row.len() / 2);
+        for (d, v) in dst[..pairs].iter_mut().zip(row.chunks_exact(2)) {
             *d = v[0];
-            written += 1;
         }
-        written
+        pairs
     }
 }
 
