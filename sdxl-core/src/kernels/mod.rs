@@ -11,7 +11,7 @@ pub mod group_norm;
 pub mod layer_norm;
 mod math;
 pub mod matmul;
-mod parallel;
+pub(crate) mod parallel;
 mod storage;
 pub mod transpose;
 #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,20 @@
-//! Splitting a buffer of equal items among threads.
+//! Running a model pass on the compute pool, and splitting a buffer of equal items among its
+//! threads.
 
 use rayon::prelude::*;
+
+/// Runs `work` on a thread of rayon's global pool (on the calling thread when it already is
+/// one of a pool's threads) and returns its result; the caller waits.
+///
+/// A model pass runs hundreds of parallel kernels. Started from a thread outside the pool,
+/// each of them is injected into the pool while the caller sleeps, and the caller is woken
+/// again when it ends: two thread wake-ups per kernel. Started from a pool thread, a kernel's
+/// first share runs at once on that thread and only the other shares go to idle workers.
+/// The whole passes of the text encoders, the UNet and the VAE therefore run through here
+/// (measured on 2 threads: bf16 bigG 2–3 % and CLIP-L about 7 % faster).
+pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}
 
 /// Calls `f(index, item)` for every `item_len`-long item of `items` (the last may be shorter),
 /// in one run of consecutive items per thread on rayon's global pool, at most `threads` runs.
@@ -37,6 +51,13 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn work_runs_on_a_pool_thread() {
+        assert_eq!(rayon::current_thread_index(), None);
+        assert!(on_pool(rayon::current_thread_index).is_some());
+        assert_eq!(on_pool(|| on_pool(|| 7)), 7);
+    }
 
     #[test]
     fn every_item_is_visited_once_with_its_index() {

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::kernels::parallel::on_pool;
 use crate::layers::Conv2d;
 
 use super::attention::LinearVisitor;
@@ -296,7 +297,9 @@ impl UNet2DConditionModel {
     /// [`forward`](Self::forward), calling `hook(name, output)` after each top-level module
     /// with diffusers' module name: `time_embedding`, `add_embedding`, `conv_in`,
     /// `down_blocks.i`, `mid_block`, `up_blocks.i`, `conv_norm_out` and `conv_out` (like torch
-    /// forward hooks; for debugging and previews).
+    /// forward hooks; for debugging and previews). Like every model pass, it runs on a thread of
+    /// rayon's global pool while the caller waits, so the hook is called there and must be
+    /// `Send`.
     ///
     /// # Errors
     /// Those of [`forward`](Self::forward), and any error the hook returns.
@@ -305,7 +308,18 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timestep: f64,
         cond: &UNetConditioning,
-        hook: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+        hook: &mut (dyn FnMut(&str, &Tensor) -> Result<()> + Send),
+    ) -> Result<Tensor> {
+        on_pool(|| self.run(sample, timestep, cond, hook))
+    }
+
+    /// The pass of [`forward_with_hook`](Self::forward_with_hook), on the current thread.
+    fn run(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &UNetConditioning,
+        hook: &mut (dyn FnMut(&str, &Tensor) -> Result<()> + Send),
     ) -> Result<Tensor> {
         let batch = self.check_inputs(sample, cond)?;
         let dtype = self.dtype();

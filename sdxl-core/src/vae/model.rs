@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::kernels::parallel::on_pool;
 use crate::layers::Conv2d;
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -119,11 +120,13 @@ impl AutoencoderKL {
     pub fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
         let f = self.config.downscale_factor();
         self.check_input("VAE encode input", x, self.config.in_channels, f)?;
-        let h = self.encoder.forward(x)?;
-        match &self.quant_conv {
-            Some(q) => Ok(q.forward(&h)?),
-            None => Ok(h),
-        }
+        on_pool(|| {
+            let h = self.encoder.forward(x)?;
+            match &self.quant_conv {
+                Some(q) => Ok(q.forward(&h)?),
+                None => Ok(h),
+            }
+        })
     }
 
     /// Encodes images `x` `[B, in_channels, H, W]` in `[-1, 1]` into the latent posterior.
@@ -156,7 +159,7 @@ impl AutoencoderKL {
     /// # Errors
     /// As [`post_quant_conv`](Self::post_quant_conv).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(&self.post_quant_conv(z)?)
+        on_pool(|| self.decoder.forward(&self.post_quant_conv(z)?))
     }
 
     /// Checks rank, channels, spatial divisibility, dtype and device of an input.

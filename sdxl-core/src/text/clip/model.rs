@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::kernels::attention::{self, AttentionSpec};
 use crate::kernels::matmul::matmul;
+use crate::kernels::parallel::on_pool;
 use crate::layers::Linear;
 
 use super::config::{Activation, ClipTextConfig};
@@ -207,7 +208,12 @@ impl ClipTextModel {
         self.run(input_ids, true)
     }
 
+    /// One pass, on the compute pool ([`on_pool`]).
     fn run(&self, input_ids: &Tensor, keep_all: bool) -> Result<ClipTextOutput> {
+        on_pool(|| self.run_here(input_ids, keep_all))
+    }
+
+    fn run_here(&self, input_ids: &Tensor, keep_all: bool) -> Result<ClipTextOutput> {
         let ids = TokenIds::read(input_ids, &self.config)?;
         let (b, s, h) = (ids.batch, ids.seq, self.config.hidden_size);
         let device = self.token_embedding.device();
