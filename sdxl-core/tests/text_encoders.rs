@@ -114,8 +114,47 @@ fn encoders_match_transformers_goldens() {
         );
         assert_eq!(common::max_abs_diff(&plain.pooled, &out.pooled), 0.0);
         assert_eq!(plain.text_embeds.is_some(), model.has_projection());
+
+        check_prompt_embeddings(&model, ids, &group, &goldens, &mut parity);
     }
     parity.finish();
+}
+
+/// [`ClipTextModel::prompt_embeddings`] (the last layer run at the pooling positions only, or
+/// not at all) gives the full pass's penultimate states bit for bit and the golden
+/// `text_embeds` within the parity tolerance.
+fn check_prompt_embeddings(
+    model: &ClipTextModel,
+    ids: &Tensor,
+    group: &Group,
+    goldens: &HashMap<String, Tensor>,
+    parity: &mut common::Parity,
+) {
+    let out = model.forward(ids).unwrap();
+    let sdxl = model.prompt_embeddings(ids).unwrap();
+    let dtype = sdxl.penultimate.dtype();
+    common::assert_identical(
+        &format!(
+            "{}.penultimate (prompt_embeddings, {dtype:?})",
+            group.prefix
+        ),
+        &sdxl.penultimate,
+        &out.penultimate,
+    );
+    assert_eq!(sdxl.text_embeds.is_some(), model.has_projection());
+    if let Some(embeds) = &sdxl.text_embeds {
+        assert_eq!(embeds.dtype(), dtype);
+        let name = format!("{}.text_embeds", group.prefix);
+        assert!(
+            group.outputs.iter().any(|o| o == "text_embeds"),
+            "no golden {name} for an encoder with a projection"
+        );
+        parity.check(
+            &format!("{name} (prompt_embeddings, {dtype:?})"),
+            embeds,
+            common::golden(goldens, &name),
+        );
+    }
 }
 
 #[test]
@@ -295,6 +334,7 @@ fn half_precision_stays_close_to_the_goldens() {
                     common::golden(&goldens, &name),
                 );
             }
+            check_prompt_embeddings(&model, ids, &group, &goldens, &mut parity);
         }
         parity.finish();
     }

@@ -132,7 +132,7 @@ fn encode_windows(
     let seq = chunks.first().map_or(0, |c| c.ids.len());
     let ids: Vec<u32> = chunks.iter().flat_map(|c| c.ids.iter().copied()).collect();
     let ids = Tensor::from_vec(ids, (chunks.len(), seq), device)?;
-    let out = encoder.forward(&ids)?;
+    let out = encoder.prompt_embeddings(&ids)?;
     let hidden = apply_weights(&out.penultimate, chunks)?;
     let (k, s, h) = hidden.dims3()?;
     let hidden = hidden.reshape((1, k * s, h))?;

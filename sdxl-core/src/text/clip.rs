@@ -11,4 +11,4 @@ mod config;
 mod model;
 
 pub use config::ClipTextConfig;
-pub use model::{ClipTextModel, ClipTextOutput};
+pub use model::{ClipPromptEmbeddings, ClipTextModel, ClipTextOutput};

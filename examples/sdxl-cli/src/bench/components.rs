@@ -316,8 +316,10 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// One text encoder on `--batch` × 77 ids, keeping every hidden state as the pipelines'
-    /// `output_hidden_states=True` call does.
+    /// One text encoder on `--batch` × 77 ids, twice: `forward` keeps every hidden state as
+    /// diffusers' `output_hidden_states=True` call does (the same work as torch's row);
+    /// `prompt` computes only what SDXL reads, as our pipelines do
+    /// (`ClipTextModel::prompt_embeddings`).
     pub(super) fn text_encoder(&mut self, c: Component, dir: &Path) -> Result<(), String> {
         let (sub, tok_sub) = match c {
             Component::TextEncoder => ("text_encoder", "tokenizer"),
@@ -333,16 +335,22 @@ impl Bench<'_> {
             })?;
             let ids = token_ids(&tok, te.config().vocab_size, batch, &device)?;
             let seq = tok.max_length();
-            let row = Row {
+            let (cfg, projection) = (te.config(), te.has_projection());
+            let row = |op, flops| Row {
                 component: c.name(),
-                op: "forward",
+                op,
                 dtype: name,
                 shape: format!("{batch}x{seq}"),
-                flops: flops::clip_forward(te.config(), batch, seq, te.has_projection()),
+                flops,
                 extra: extra(&[("batch", batch)]),
             };
-            self.run_row(row, self.runs(), &mut || {
+            let forward = row("forward", flops::clip_forward(cfg, batch, seq, projection));
+            self.run_row(forward, self.runs(), &mut || {
                 te.forward_with_hidden_states(&ids).map(drop).map_err(msg)
+            });
+            let prompt = row("prompt", flops::clip_prompt(cfg, batch, seq, projection));
+            self.run_row(prompt, self.runs(), &mut || {
+                te.prompt_embeddings(&ids).map(drop).map_err(msg)
             });
         }
         Ok(())

@@ -262,16 +262,44 @@ pub fn clip_forward(
     tokens: usize,
     with_projection: bool,
 ) -> Flops {
+    let mut f = clip_layers(cfg, batch, tokens, cfg.num_hidden_layers);
+    if with_projection {
+        f.add_linear(batch, cfg.hidden_size, cfg.projection_dim);
+    }
+    f
+}
+
+/// What `ClipTextModel::prompt_embeddings` computes: every layer but the last on all tokens;
+/// with a projection, the last layer's keys and values on all tokens and the rest of it, then
+/// the projection, on one pooling position per batch entry.
+pub fn clip_prompt(
+    cfg: &ClipTextConfig,
+    batch: usize,
+    tokens: usize,
+    with_projection: bool,
+) -> Flops {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut f = clip_layers(cfg, batch, tokens, cfg.num_hidden_layers.saturating_sub(1));
+    if with_projection {
+        (0..2).for_each(|_| f.add_linear(batch * tokens, h, h));
+        (0..2).for_each(|_| f.add_linear(batch, h, h));
+        f.add_attention(batch, 1, tokens, h);
+        f.add_linear(batch, h, i);
+        f.add_linear(batch, i, h);
+        f.add_linear(batch, h, cfg.projection_dim);
+    }
+    f
+}
+
+/// `layers` CLIP encoder layers on `[batch, tokens]`.
+fn clip_layers(cfg: &ClipTextConfig, batch: usize, tokens: usize, layers: usize) -> Flops {
     let (h, rows) = (cfg.hidden_size, batch * tokens);
     let mut f = Flops::default();
-    for _ in 0..cfg.num_hidden_layers {
+    for _ in 0..layers {
         (0..4).for_each(|_| f.add_linear(rows, h, h));
         f.add_attention(batch, tokens, tokens, h);
         f.add_linear(rows, h, cfg.intermediate_size);
         f.add_linear(rows, cfg.intermediate_size, h);
-    }
-    if with_projection {
-        f.add_linear(batch, h, cfg.projection_dim);
     }
     f
 }
@@ -361,6 +389,36 @@ mod tests {
         close(
             clip_forward(&ClipTextConfig::sdxl_text_encoder_2(), 2, 77, true),
             195.73,
+        );
+    }
+
+    #[test]
+    fn prompt_embeddings_skip_the_unread_part_of_the_last_layer() {
+        // CLIP-L: 11 of 12 layers. bigG: 31 of 32 layers plus, of the last, the keys and
+        // values of 154 tokens and the rest for 2 rows.
+        let l = ClipTextConfig::sdxl_text_encoder();
+        let l_11 = ClipTextConfig {
+            num_hidden_layers: 11,
+            ..l.clone()
+        };
+        assert_eq!(
+            clip_prompt(&l, 2, 77, false),
+            clip_forward(&l_11, 2, 77, false)
+        );
+        let g = ClipTextConfig::sdxl_text_encoder_2();
+        let g_31 = ClipTextConfig {
+            num_hidden_layers: 31,
+            ..g.clone()
+        };
+        let (h, i, p) = (1280u64, 5120u64, 1280u64);
+        let last = 2 * 154 * h * h * 2 // k, v on every token
+            + 2 * 2 * h * h * 2 // q, out on 2 rows
+            + 4 * 2 * 77 * h // attention of 2 queries
+            + 2 * 2 * h * i * 2 // the MLP on 2 rows
+            + 2 * 2 * h * p; // the projection
+        assert_eq!(
+            clip_prompt(&g, 2, 77, true).total(),
+            clip_forward(&g_31, 2, 77, false).total() + last
         );
     }
 }

@@ -41,6 +41,18 @@ pub struct ClipTextOutput {
     pub hidden_states: Option<Vec<Tensor>>,
 }
 
+/// What SDXL reads from one text encoder for token ids `[B, S]`, computed by
+/// [`ClipTextModel::prompt_embeddings`].
+#[derive(Debug, Clone)]
+pub struct ClipPromptEmbeddings {
+    /// The input of the last encoder layer (`hidden_states[-2]`), `[B, S, hidden_size]`: the
+    /// same tensor as [`ClipTextOutput::penultimate`].
+    pub penultimate: Tensor,
+    /// For encoders with a projection, the projected pooled embedding `[B, projection_dim]`:
+    /// [`ClipTextOutput::text_embeds`], computed from the pooling positions only.
+    pub text_embeds: Option<Tensor>,
+}
+
 /// A CLIP text encoder: transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` when it
 /// has a `text_projection`.
 ///
@@ -208,22 +220,70 @@ impl ClipTextModel {
         self.run(input_ids, true)
     }
 
-    /// One pass, on the compute pool ([`on_pool`]).
+    /// What SDXL reads from this encoder, with less work than [`ClipTextModel::forward`]: the
+    /// penultimate hidden states and, for an encoder with a projection, the projected pooled
+    /// embedding.
+    ///
+    /// The last layer's output is read only at each row's pooling position, and only through
+    /// the projection. So without a projection (SDXL's CLIP-L) the last layer does not run, and
+    /// with one (OpenCLIP bigG) it runs for the pooling positions alone: their queries attend
+    /// to keys and values of every position, as in the full pass. At SDXL's 77 tokens this
+    /// skips a twelfth of CLIP-L's work and most of bigG's last layer. `penultimate` is
+    /// bit-identical to the full pass's; `text_embeds` agrees up to the rounding of a
+    /// different attention kernel.
+    ///
+    /// # Errors
+    /// As [`ClipTextModel::forward`].
+    pub fn prompt_embeddings(&self, input_ids: &Tensor) -> Result<ClipPromptEmbeddings> {
+        on_pool(|| self.prompt_embeddings_here(input_ids))
+    }
+
+    /// One full pass, on the compute pool ([`on_pool`]).
     fn run(&self, input_ids: &Tensor, keep_all: bool) -> Result<ClipTextOutput> {
         on_pool(|| self.run_here(input_ids, keep_all))
     }
 
-    fn run_here(&self, input_ids: &Tensor, keep_all: bool) -> Result<ClipTextOutput> {
-        let ids = TokenIds::read(input_ids, &self.config)?;
+    /// The token and position embeddings `[B, S, hidden_size]` of checked ids, and the causal
+    /// mask `[S, S]`.
+    fn embed(&self, ids: &TokenIds) -> Result<(Tensor, Tensor)> {
         let (b, s, h) = (ids.batch, ids.seq, self.config.hidden_size);
         let device = self.token_embedding.device();
-        let index = Tensor::from_vec(ids.ids, b * s, device)?;
+        let index = Tensor::new(ids.ids.as_slice(), device)?;
         let tokens = self
             .token_embedding
             .index_select(&index, 0)?
             .reshape((b, s, h))?;
-        let mut hidden = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
+        let hidden = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         let mask = self.causal_mask.narrow(0, 0, s)?.narrow(1, 0, s)?;
+        Ok((hidden, mask))
+    }
+
+    fn prompt_embeddings_here(&self, input_ids: &Tensor) -> Result<ClipPromptEmbeddings> {
+        let ids = TokenIds::read(input_ids, &self.config)?;
+        let (mut hidden, mask) = self.embed(&ids)?;
+        // `validate` guarantees at least one layer.
+        let Some((last, earlier)) = self.layers.split_last() else {
+            return Err(Error::unsupported("CLIP text encoder without layers"));
+        };
+        for layer in earlier {
+            hidden = layer.forward(&hidden, &mask)?;
+        }
+        let text_embeds = match &self.text_projection {
+            Some(projection) => {
+                let pooled = last.forward_at(&hidden, &ids.pool_positions, &mask)?;
+                Some(projection.forward(&self.final_layer_norm.forward(&pooled)?)?)
+            }
+            None => None,
+        };
+        Ok(ClipPromptEmbeddings {
+            penultimate: hidden,
+            text_embeds,
+        })
+    }
+
+    fn run_here(&self, input_ids: &Tensor, keep_all: bool) -> Result<ClipTextOutput> {
+        let ids = TokenIds::read(input_ids, &self.config)?;
+        let (mut hidden, mask) = self.embed(&ids)?;
 
         let mut all = keep_all.then(|| Vec::with_capacity(self.layers.len() + 1));
         let mut penultimate = hidden.clone();
@@ -239,15 +299,7 @@ impl ClipTextModel {
         }
         let last_hidden_state = self.final_layer_norm.forward(&hidden)?;
 
-        let rows = ids
-            .pool_positions
-            .iter()
-            .enumerate()
-            .map(|(row, &pos)| flat_index(row * s + pos))
-            .collect::<Result<Vec<u32>>>()?;
-        let pooled = last_hidden_state
-            .reshape((b * s, h))?
-            .index_select(&Tensor::from_vec(rows, b, device)?, 0)?;
+        let pooled = rows_at(&last_hidden_state, &ids.pool_positions)?;
         let text_embeds = match &self.text_projection {
             Some(p) => Some(p.forward(&pooled)?),
             None => None,
@@ -283,6 +335,18 @@ fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
 
 fn flat_index(i: usize) -> Result<u32> {
     u32::try_from(i).map_err(|_| Error::invalid(format!("token batch too large ({i} tokens)")))
+}
+
+/// Row `positions[b]` of each batch entry of `x` `[B, S, H]`, as `[B, H]`.
+fn rows_at(x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let (b, s, h) = x.dims3()?;
+    let rows = positions
+        .iter()
+        .enumerate()
+        .map(|(row, &pos)| flat_index(row * s + pos))
+        .collect::<Result<Vec<u32>>>()?;
+    let index = Tensor::from_vec(rows, b, x.device())?;
+    Ok(x.reshape((b * s, h))?.index_select(&index, 0)?)
 }
 
 /// Token ids read to the host and checked, with each row's pooling position.
@@ -392,6 +456,33 @@ impl EncoderLayer {
             .fc2
             .forward_residual(&self.activation.forward(&mlp)?, &x)?)
     }
+
+    /// The layer's output `[B, H]` at one position per batch entry (`positions[b]`) of `x`
+    /// `[B, S, H]`: the queries of those positions attend to every position's keys and values
+    /// under `mask` `[S, S]`, and the rest of the layer runs on those rows alone.
+    fn forward_at(&self, x: &Tensor, positions: &[usize], mask: &Tensor) -> Result<Tensor> {
+        let (b, _, h) = x.dims3()?;
+        let normed = self.layer_norm1.forward(x)?;
+        let index = Tensor::from_vec(
+            positions
+                .iter()
+                .map(|&p| flat_index(p))
+                .collect::<Result<Vec<u32>>>()?,
+            b,
+            x.device(),
+        )?;
+        // Each query row's mask row, `[B, 1, 1, S]` to broadcast over heads.
+        let row_mask = mask.index_select(&index, 0)?.unsqueeze(1)?.unsqueeze(1)?;
+        let at = |t: &Tensor| -> Result<Tensor> { Ok(rows_at(t, positions)?.reshape((b, 1, h))?) };
+        let x = self
+            .self_attn
+            .forward_queries(&at(&normed)?, &normed, &row_mask, &at(x)?)?;
+        let mlp = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        Ok(self
+            .fc2
+            .forward_residual(&self.activation.forward(&mlp)?, &x)?
+            .reshape((b, h))?)
+    }
 }
 
 /// Multi-head causal self-attention: the fused kernel on the CPU, elsewhere all heads in one
@@ -426,7 +517,6 @@ impl Attention {
     /// added to the scores: the causal mask, which the fused CPU kernel
     /// ([`crate::kernels::attention`]) applies itself where it runs.
     fn forward(&self, x: &Tensor, mask: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
         let (q, k, v) = (
             self.q_proj.forward(x)?,
             self.k_proj.forward(x)?,
@@ -441,8 +531,32 @@ impl Attention {
             let out = attention::attention(&q, &k, &v, spec)?;
             return Ok(self.out_proj.forward_residual(&out, residual)?);
         }
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.heads, self.head_dim))?
+        let out = self.attend(q, k, v, mask)?;
+        Ok(self.out_proj.forward_residual(&out, residual)?)
+    }
+
+    /// `residual + attention` for the queries of `x` `[B, T, H]` over the keys and values of
+    /// `context` `[B, S, H]`, with `mask` (broadcast to `[B, heads, T, S]`) added to the scores.
+    fn forward_queries(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        mask: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let (k, v) = (self.k_proj.forward(context)?, self.v_proj.forward(context)?);
+        let out = self.attend(q, k, v, mask)?;
+        Ok(self.out_proj.forward_residual(&out, residual)?)
+    }
+
+    /// Softmax attention of projected `q` `[B, T, H]` over `k` and `v` `[B, S, H]`, all heads in
+    /// one batched matmul, `mask` added to the f32 scores; `[B, T, H]`.
+    fn attend(&self, q: Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = q.dims3()?;
+        let heads = |x: Tensor| -> Result<Tensor> {
+            let rows = x.dim(1)?;
+            Ok(x.reshape((b, rows, self.heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
@@ -453,8 +567,7 @@ impl Attention {
             .to_dtype(DType::F32)?
             .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        Ok(self.out_proj.forward_residual(&out, residual)?)
+        Ok(matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, t, h))?)
     }
 }
 
