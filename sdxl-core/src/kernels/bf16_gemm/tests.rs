@@ -4,8 +4,8 @@
 use half::bf16;
 
 use super::{
-    gemm_with, pack_a, pack_a_f32_into, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut, MatRef,
-    PackedA, PackedB, PackedF32A, Rhs, NR,
+    gemm_with, m_blocks, pack_a, pack_a_f32_into, pack_b, Bias, IndexedB, Kernel, Lhs, MatMut,
+    MatRef, PackedA, PackedB, PackedF32A, Rhs, MC_PANELS, MC_PANELS_WHOLE, NR,
 };
 
 /// Deterministic pseudo-random bf16 values in about [-2, 2].
@@ -111,8 +111,26 @@ fn small_and_ragged_shapes_match_reference() {
 
 #[test]
 fn blocks_larger_than_one_cache_block_match_reference() {
-    // More than one k-block (KC <= 640), M-block (144 rows) and N-block (512 columns).
+    // More than one k-block (KC <= 640), M-block (144 rows, from 17 panels on) and N-block
+    // (512 columns); 154 rows (13 panels) are one whole M-block.
     check(300, 1501, 530, false, true, 2);
+    check(154, 700, 530, false, true, 2);
+}
+
+#[test]
+fn m_blocks_cover_every_panel_once() {
+    for len in [0, 1, 12, 13, MC_PANELS_WHOLE, MC_PANELS_WHOLE + 1, 25, 171] {
+        let blocks: Vec<_> = m_blocks(3..3 + len).collect();
+        let covered: Vec<usize> = blocks.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(covered, (3..3 + len).collect::<Vec<_>>(), "{len} panels");
+        let most = blocks.iter().map(|r| r.len()).max().unwrap_or(0);
+        let want = if len <= MC_PANELS_WHOLE {
+            len
+        } else {
+            MC_PANELS
+        };
+        assert_eq!(most, want, "{len} panels: {blocks:?}");
+    }
 }
 
 #[test]
